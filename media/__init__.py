@@ -1,0 +1,1 @@
+"""Live calls: the Twilio stream protocol, provider adapters and the bridge."""

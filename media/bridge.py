@@ -1,0 +1,127 @@
+"""Carries one call's audio between Twilio's stream and the agent platform.
+
+Two pumps run side by side: caller to agent and agent to caller. The first to
+finish decides how the call ended; the bridge then cancels the other pump,
+hangs up whichever side is still there, and reports one end reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from enum import StrEnum
+
+from aiohttp import WSMsgType, web
+
+from media import frames
+from media.upstream import AgentAudio, UpstreamCall
+from metering.metrics import Metrics
+from tenancy.logs import CallLog
+
+
+class EndReason(StrEnum):
+    """Why a call ended; exactly one is recorded per call."""
+
+    CALLER_HUNG_UP = "caller_hung_up"
+    AGENT_HUNG_UP = "agent_hung_up"
+    STREAM_LOST = "stream_lost"
+    PROTOCOL_ERROR = "protocol_error"
+    UPSTREAM_FAILED = "upstream_failed"
+    SHUTDOWN = "shutdown"
+
+
+class Bridge:
+    """Owns the two pump tasks of one call for as long as it runs."""
+
+    def __init__(
+        self,
+        twilio: web.WebSocketResponse,
+        stream: frames.StreamState,
+        upstream: UpstreamCall,
+        metrics: Metrics,
+        log: CallLog,
+    ) -> None:
+        assert stream.start is not None
+        self._twilio = twilio
+        self._stream = stream
+        self._stream_sid = stream.start.stream_sid
+        self._upstream = upstream
+        self._metrics = metrics
+        self._log = log
+        self._inbound = metrics.frames_relayed.labels("caller_to_agent")
+        self._outbound = metrics.frames_relayed.labels("agent_to_caller")
+
+    async def run(self) -> EndReason:
+        """Relay audio until one side ends; return why the call ended."""
+        caller = asyncio.create_task(self._from_caller(), name="caller-to-agent")
+        agent = asyncio.create_task(self._from_agent(), name="agent-to-caller")
+        try:
+            done, _ = await asyncio.wait(
+                {caller, agent}, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            await self._finish(caller, agent)
+            await self._upstream.hang_up()
+            await self._twilio.close(code=frames.CLOSE_NORMAL)
+            raise
+        # If both finished in the same loop turn, the caller's account wins:
+        # the caller hanging up is what Twilio will report too.
+        first = caller if caller in done else agent
+        reason = first.result()
+        await self._finish(caller, agent)
+
+        if reason is EndReason.AGENT_HUNG_UP:
+            # Nothing follows <Connect> in our TwiML, so Twilio ends the call
+            # once we close the stream (protocols.md 2.6).
+            await self._twilio.close(code=frames.CLOSE_NORMAL)
+        else:
+            await self._upstream.hang_up()
+            if not self._twilio.closed:
+                await self._twilio.close(code=frames.CLOSE_NORMAL)
+        return reason
+
+    async def _finish(self, *tasks: asyncio.Task[EndReason]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _from_caller(self) -> EndReason:
+        """Twilio stream to agent: audio frames, DTMF and the caller's stop."""
+        async for message in self._twilio:
+            if message.type is WSMsgType.TEXT:
+                try:
+                    event = self._stream.receive(message.data)
+                except frames.StreamFrameError as exc:
+                    return await self._reject(str(exc), exc.close_code)
+                if isinstance(event, frames.Media):
+                    await self._upstream.send_audio(event.payload)
+                    self._inbound.inc()
+                elif isinstance(event, frames.Stop):
+                    return EndReason.CALLER_HUNG_UP
+                elif isinstance(event, frames.Dtmf):
+                    self._log.debug("caller pressed a key")
+            elif message.type is WSMsgType.BINARY:
+                return await self._reject(
+                    "binary frame on a text-only stream", frames.CLOSE_UNSUPPORTED_DATA
+                )
+            elif message.type is WSMsgType.ERROR:
+                self._log.warning("twilio stream error: %s", self._twilio.exception())
+                return EndReason.STREAM_LOST
+        return EndReason.STREAM_LOST
+
+    async def _from_agent(self) -> EndReason:
+        """Agent to Twilio stream: audio as ``media`` messages, in order."""
+        async for event in self._upstream.events():
+            if isinstance(event, AgentAudio):
+                if self._twilio.closed:
+                    break
+                await self._twilio.send_str(
+                    frames.media_frame(self._stream_sid, event.payload)
+                )
+                self._outbound.inc()
+        return EndReason.AGENT_HUNG_UP
+
+    async def _reject(self, problem: str, close_code: int) -> EndReason:
+        self._metrics.frames_malformed.labels("twilio").inc()
+        self._log.warning("closing stream on malformed frame: %s", problem)
+        await self._twilio.close(code=close_code, message=problem[:120].encode())
+        return EndReason.PROTOCOL_ERROR

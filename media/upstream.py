@@ -1,0 +1,44 @@
+"""The small interface every agent platform's live call implements.
+
+The bridge talks only to :class:`UpstreamCall`, so another platform that takes
+audio over a WebSocket is one new adapter module, not a change to the bridge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAudio:
+    """Audio from the agent, already in the caller's format (µ-law 8 kHz)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEvent:
+    """A JSON control message from the platform (speech updates, transcripts)."""
+
+    message: dict[str, Any]
+
+
+UpstreamEvent = AgentAudio | AgentEvent
+
+
+class UpstreamCall(Protocol):
+    """One live call on an agent platform."""
+
+    provider: str
+    call_id: str
+
+    async def send_audio(self, payload: bytes) -> None:
+        """Send caller audio (µ-law 8 kHz) to the agent."""
+
+    def events(self) -> AsyncIterator[UpstreamEvent]:
+        """What the agent sends; the iterator ends when the agent hangs up."""
+
+    async def hang_up(self) -> None:
+        """End the call on the platform; safe to call more than once."""

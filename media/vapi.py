@@ -1,0 +1,157 @@
+"""Vapi over its WebSocket transport, with µ-law 8 kHz passed through untouched.
+
+``POST {api}/call`` with ``transport.provider = vapi.websocket`` creates the
+call and returns ``transport.websocketCallUrl``; binary frames on that socket
+carry raw audio both ways and text frames carry JSON events. Vapi documents no
+hang-up message from its side, so the socket closing is the agent hanging up.
+See protocols.md section 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from media.upstream import AgentAudio, AgentEvent, UpstreamEvent
+from tenancy.errors import UpstreamError
+from tenancy.logs import media_logger
+
+PROVIDER = "vapi"
+# Caller audio is forwarded as Twilio delivers it: no transcoding.
+MULAW_8K = {"format": "mulaw", "container": "raw", "sampleRate": 8000}
+_END_CALL = orjson.dumps({"type": "end-call"}).decode("utf-8")
+_MAX_MESSAGE_BYTES = 1 << 20
+
+
+class VapiCall:
+    """One Vapi call's transport socket; owned by the bridge that opened it."""
+
+    provider = PROVIDER
+
+    def __init__(self, call_id: str, socket: aiohttp.ClientWebSocketResponse) -> None:
+        self.call_id = call_id
+        self._socket = socket
+        self.malformed_messages = 0
+
+    async def send_audio(self, payload: bytes) -> None:
+        """Forward caller audio; dropped silently once the socket has closed."""
+        if not self._socket.closed:
+            await self._socket.send_bytes(payload)
+
+    async def events(self) -> AsyncIterator[UpstreamEvent]:
+        """Agent audio and JSON events until Vapi closes the socket."""
+        async for message in self._socket:
+            if message.type is aiohttp.WSMsgType.BINARY:
+                yield AgentAudio(message.data)
+            elif message.type is aiohttp.WSMsgType.TEXT:
+                event = self._decode(message.data)
+                if event is not None:
+                    yield event
+            elif message.type is aiohttp.WSMsgType.ERROR:
+                media_logger.warning(
+                    "vapi transport error on call %s: %s",
+                    self.call_id,
+                    self._socket.exception(),
+                )
+                return
+
+    async def hang_up(self) -> None:
+        """Tell Vapi to end the call, then close the transport."""
+        if self._socket.closed:
+            return
+        # Vapi's docs show both "end-call" and "hangup"; "end-call" followed
+        # by closing the socket is what its "Ending the call" section uses.
+        try:
+            await self._socket.send_str(_END_CALL)
+        except (ConnectionError, aiohttp.ClientError):
+            media_logger.debug("vapi socket for %s went away first", self.call_id)
+        await self._socket.close()
+
+    def _decode(self, data: str) -> AgentEvent | None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.malformed_messages += 1
+            return None
+        if not isinstance(message, dict):
+            self.malformed_messages += 1
+            return None
+        return AgentEvent(message)
+
+
+class VapiClient:
+    """Creates Vapi calls over its REST API and opens their transports."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, api_url: str, timeout_secs: float
+    ) -> None:
+        self._session = session
+        self._api_url = api_url
+        self._timeout = aiohttp.ClientTimeout(total=timeout_secs)
+
+    async def connect(
+        self, *, api_key: str, assistant_id: str, metadata: dict[str, str]
+    ) -> VapiCall:
+        """Create a websocket-transport call for ``assistant_id`` and connect it.
+
+        Raises :class:`UpstreamError` if Vapi cannot be reached, refuses the
+        call, answers with something unexpected, or the transport won't open.
+        """
+        body = {
+            "assistantId": assistant_id,
+            "transport": {"provider": "vapi.websocket", "audioFormat": MULAW_8K},
+            "metadata": metadata,
+        }
+        created = await self._create(api_key, body)
+        call_id, url = _transport(created)
+        try:
+            socket = await self._session.ws_connect(
+                url,
+                timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                max_msg_size=_MAX_MESSAGE_BYTES,
+                autoping=True,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError(f"vapi transport did not open: {exc}") from exc
+        return VapiCall(call_id, socket)
+
+    async def _create(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with self._session.post(
+                f"{self._api_url}/call",
+                data=orjson.dumps(body),
+                headers={
+                    "Authorization": f"Bearer {api_key}",
+                    "Content-Type": "application/json",
+                },
+                timeout=self._timeout,
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError(f"vapi unreachable: {type(exc).__name__}") from exc
+        if status not in (200, 201):
+            raise UpstreamError(f"vapi refused the call with {status}", status)
+        try:
+            created = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("vapi answered with invalid JSON", status) from None
+        if not isinstance(created, dict):
+            raise UpstreamError("vapi answered with a non-object", status)
+        return created
+
+
+def _transport(created: dict[str, Any]) -> tuple[str, str]:
+    """The call id and transport URL from Vapi's create-call response."""
+    call_id = created.get("id")
+    transport = created.get("transport")
+    url = transport.get("websocketCallUrl") if isinstance(transport, dict) else None
+    if not isinstance(call_id, str) or not isinstance(url, str):
+        raise UpstreamError("vapi response lacks id or transport.websocketCallUrl")
+    if urlsplit(url).scheme not in {"ws", "wss"}:
+        raise UpstreamError("vapi transport URL is not a WebSocket URL")
+    return call_id, url

@@ -1,0 +1,1 @@
+"""Every connected second and every cent: counters, call records, metrics."""

@@ -1,0 +1,276 @@
+"""Call records and usage counters in the store, written only through Lua scripts.
+
+Every key a script touches belongs to one workspace, so each script runs in
+that workspace's Redis Cluster slot. Periods are UTC calendar months and days.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Any
+
+import redis.asyncio as redis
+from redis.commands.core import AsyncScript
+
+from tenancy import keyspace
+from tenancy.errors import NotFoundError
+from tenancy.replies import text_map, texts
+
+
+def month_of(epoch_ms: int) -> str:
+    """The UTC month (``YYYY-MM``) that ``epoch_ms`` falls in."""
+    return time.strftime("%Y-%m", time.gmtime(epoch_ms / 1000))
+
+
+def day_of(epoch_ms: int) -> str:
+    """The UTC day (``YYYY-MM-DD``) that ``epoch_ms`` falls in."""
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch_ms / 1000))
+
+
+class CallNotFoundError(NotFoundError):
+    """The workspace has no record of this call."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """What Callgate knows about one call; times in epoch milliseconds."""
+
+    call_sid: str
+    workspace_id: str
+    agent_id: str
+    from_number: str
+    to_number: str
+    status: str
+    arrived_at_ms: int
+    started_at_ms: int | None
+    ended_at_ms: int | None
+    metered_ms: int
+    end_reason: str | None
+    provider_call_id: str | None
+    twilio_status: str | None
+    twilio_call_duration_secs: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLine:
+    """Metered time and connected calls for one agent or number."""
+
+    ms: int = 0
+    calls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A workspace's metered usage over one period."""
+
+    workspace_id: str
+    period: str
+    ms: int
+    calls: int
+    agents: dict[str, UsageLine] = field(default_factory=dict)
+    numbers: dict[str, UsageLine] = field(default_factory=dict)
+
+
+def _script(store: redis.Redis, name: str) -> AsyncScript:
+    source = files("metering").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    return store.register_script(source)
+
+
+class Ledger:
+    """Reads and writes call records and usage counters for every workspace."""
+
+    def __init__(self, store: redis.Redis) -> None:
+        self._store = store
+        self._meter = _script(store, "meter")
+        self._start = _script(store, "start")
+        self._twilio_status = _script(store, "twilio_status")
+
+    async def open_call(
+        self,
+        workspace_id: str,
+        call_sid: str,
+        *,
+        agent_id: str,
+        from_number: str,
+        to_number: str,
+        arrived_at_ms: int,
+    ) -> None:
+        """Create the record of a call that was just routed to an agent."""
+        key = keyspace.call(workspace_id, call_sid)
+        async with self._store.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "arrived_at_ms", arrived_at_ms)
+            pipe.hset(
+                key,
+                mapping={
+                    "call_sid": call_sid,
+                    "workspace_id": workspace_id,
+                    "agent_id": agent_id,
+                    "from": from_number,
+                    "to": to_number,
+                    "status": "routed",
+                },
+            )
+            pipe.zadd(keyspace.calls(workspace_id), {call_sid: arrived_at_ms}, nx=True)
+            await pipe.execute()
+
+    async def start_call(
+        self,
+        workspace_id: str,
+        call_sid: str,
+        *,
+        agent_id: str,
+        number: str,
+        stream_sid: str,
+        started_at_ms: int,
+    ) -> bool:
+        """Mark the call connected and count it; False if it had started before."""
+        result = await self._start(
+            keys=self._usage_keys(workspace_id, call_sid, started_at_ms),
+            args=[started_at_ms, agent_id, number, stream_sid],
+        )
+        if result == -1:
+            raise CallNotFoundError(call_sid)
+        return bool(result == 1)
+
+    async def queue_meter(
+        self,
+        pipe: redis.client.Pipeline,
+        workspace_id: str,
+        call_sid: str,
+        *,
+        metered_ms: int,
+        agent_id: str,
+        number: str,
+        at_ms: int,
+        end_reason: str | None = None,
+    ) -> None:
+        """Queue on ``pipe`` a report of the call's cumulative ``metered_ms``.
+
+        Usage lands in the month and day containing ``at_ms``. With an
+        ``end_reason`` the report also closes the call record.
+        """
+        ended = str(at_ms) if end_reason is not None else ""
+        await self._meter(
+            keys=self._usage_keys(workspace_id, call_sid, at_ms),
+            args=[metered_ms, agent_id, number, ended, end_reason or ""],
+            client=pipe,
+        )
+
+    def pipeline(self) -> redis.client.Pipeline:
+        """A non-transactional pipeline for batching :meth:`queue_meter` calls."""
+        return self._store.pipeline(transaction=False)
+
+    async def set_fields(
+        self, workspace_id: str, call_sid: str, fields: dict[str, str]
+    ) -> None:
+        """Add informational fields (such as the provider's call id) to a record."""
+        mapping: dict[Any, Any] = dict(fields)
+        await self._store.hset(keyspace.call(workspace_id, call_sid), mapping=mapping)
+
+    async def record_twilio_status(
+        self,
+        workspace_id: str,
+        call_sid: str,
+        *,
+        status: str,
+        call_duration_secs: int | None,
+        sequence: int,
+    ) -> bool:
+        """Store Twilio's view of the call; False when this callback is stale."""
+        result = await self._twilio_status(
+            keys=[keyspace.call(workspace_id, call_sid)],
+            args=[
+                status,
+                "" if call_duration_secs is None else call_duration_secs,
+                sequence,
+            ],
+        )
+        if result == -1:
+            raise CallNotFoundError(call_sid)
+        return bool(result == 1)
+
+    async def get_call(self, workspace_id: str, call_sid: str) -> CallRecord:
+        """One call record, or :class:`CallNotFoundError`."""
+        if not keyspace.CALL_SID.fullmatch(call_sid):
+            raise CallNotFoundError(call_sid)
+        fields = text_map(
+            await self._store.hgetall(keyspace.call(workspace_id, call_sid))
+        )
+        if not fields:
+            raise CallNotFoundError(call_sid)
+        return _record(fields)
+
+    async def recent_calls(
+        self, workspace_id: str, limit: int = 50
+    ) -> list[CallRecord]:
+        """The workspace's most recent calls, newest first."""
+        sids = texts(
+            await self._store.zrevrange(keyspace.calls(workspace_id), 0, limit - 1)
+        )
+        async with self._store.pipeline(transaction=False) as pipe:
+            for call_sid in sids:
+                pipe.hgetall(keyspace.call(workspace_id, call_sid))
+            replies: list[Any] = await pipe.execute()
+        return [_record(text_map(fields)) for fields in replies if fields]
+
+    async def usage(self, workspace_id: str, period: str) -> Usage:
+        """Usage for a month (``YYYY-MM``) or a day (``YYYY-MM-DD``)."""
+        fields = text_map(
+            await self._store.hgetall(keyspace.usage(workspace_id, period))
+        )
+        agents: dict[str, UsageLine] = {}
+        numbers: dict[str, UsageLine] = {}
+        for name, value in fields.items():
+            kind, _, rest = name.partition(":")
+            owner, _, measure = rest.rpartition(":")
+            table = {"agent": agents, "number": numbers}.get(kind)
+            if table is None or measure not in {"ms", "calls"}:
+                continue
+            line = table.get(owner, UsageLine())
+            if measure == "ms":
+                table[owner] = UsageLine(ms=int(value), calls=line.calls)
+            else:
+                table[owner] = UsageLine(ms=line.ms, calls=int(value))
+        return Usage(
+            workspace_id=workspace_id,
+            period=period,
+            ms=int(fields.get("ms", 0)),
+            calls=int(fields.get("calls", 0)),
+            agents=agents,
+            numbers=numbers,
+        )
+
+    @staticmethod
+    def _usage_keys(workspace_id: str, call_sid: str, at_ms: int) -> list[str]:
+        return [
+            keyspace.call(workspace_id, call_sid),
+            keyspace.usage(workspace_id, month_of(at_ms)),
+            keyspace.usage(workspace_id, day_of(at_ms)),
+        ]
+
+
+def _optional_int(value: str | None) -> int | None:
+    return None if value in (None, "") else int(value)
+
+
+def _record(fields: dict[str, str]) -> CallRecord:
+    return CallRecord(
+        call_sid=fields["call_sid"],
+        workspace_id=fields["workspace_id"],
+        agent_id=fields["agent_id"],
+        from_number=fields["from"],
+        to_number=fields["to"],
+        status=fields["status"],
+        arrived_at_ms=int(fields["arrived_at_ms"]),
+        started_at_ms=_optional_int(fields.get("started_at_ms")),
+        ended_at_ms=_optional_int(fields.get("ended_at_ms")),
+        metered_ms=int(fields.get("metered_ms", 0)),
+        end_reason=fields.get("end_reason") or None,
+        provider_call_id=fields.get("provider_call_id") or None,
+        twilio_status=fields.get("twilio_status") or None,
+        twilio_call_duration_secs=_optional_int(
+            fields.get("twilio_call_duration_secs")
+        ),
+    )

@@ -1,0 +1,88 @@
+"""Every Prometheus metric Callgate exports, registered on an injected registry.
+
+Labels are bounded: per workspace, provider, direction or reason, never per
+call. Counters are per process and sum across processes in PromQL.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+_NAMESPACE = "callgate"
+
+
+class Metrics:
+    """The metric families of one Callgate process."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.call_seconds = Counter(
+            "call_seconds",
+            "Connected call time metered into the store, in seconds.",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.calls_active = Gauge(
+            "calls_active",
+            "Calls with a live media stream in this process.",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.calls_started = Counter(
+            "calls_started",
+            "Calls whose media stream started.",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.calls_ended = Counter(
+            "calls_ended",
+            "Calls that ended, by end reason.",
+            ["workspace", "reason"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.webhooks = Counter(
+            "webhooks",
+            "Twilio webhook requests, by endpoint and outcome.",
+            ["endpoint", "outcome"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.stream_upgrades = Counter(
+            "stream_upgrades",
+            "Media stream WebSocket upgrades, by outcome.",
+            ["outcome"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.frames_relayed = Counter(
+            "frames_relayed",
+            "Audio frames relayed, by direction.",
+            ["direction"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.frames_malformed = Counter(
+            "frames_malformed",
+            "Malformed frames received from Twilio or a provider.",
+            ["source"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "upstream_errors",
+            "Failures reaching or talking to an agent platform.",
+            ["provider", "kind"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.meter_flushes = Counter(
+            "meter_flushes",
+            "Batched writes of metered time to the store, by outcome.",
+            ["outcome"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )

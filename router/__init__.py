@@ -1,0 +1,1 @@
+"""The front door: settings, the web application, Twilio webhooks, composition."""

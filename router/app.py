@@ -1,0 +1,155 @@
+"""Composes Callgate: the store, the services on top of it, and every route.
+
+The application's state lives under typed ``web.AppKey``s. Start-up order is
+store, then services; shutdown ends live calls first (each records its end
+reason and settles its meter), then flushes, then stops the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import redis.asyncio as redis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from media.vapi import VapiClient
+from metering.ledger import Ledger
+from metering.meter import Meter
+from metering.metrics import Metrics
+from router import stream, webhooks
+from router.settings import Settings
+from router.signatures import TwilioSigner
+from router.store import EmbeddedValkey, connect
+from router.tokens import StreamTokens
+from tenancy import api
+from tenancy.logs import router_logger
+from tenancy.numbers import Numbers
+from tenancy.problems import problem
+from tenancy.vault import Vault
+from tenancy.workspaces import Workspaces
+
+STORE = web.AppKey("store", redis.Redis)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+EMBEDDED = web.AppKey("embedded", EmbeddedValkey)
+
+_MAX_BODY_BYTES = 256 * 1024
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    settings = app[webhooks.SETTINGS]
+    embedded: EmbeddedValkey | None = None
+    url = settings.redis_url
+    if url is None:
+        embedded = EmbeddedValkey(settings.data_dir)
+        await embedded.start()
+        app[EMBEDDED] = embedded
+        url = embedded.url
+    store = connect(url)
+    app[STORE] = store
+    try:
+        yield
+    finally:
+        await store.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    settings = app[webhooks.SETTINGS]
+    store = app[STORE]
+    vault = Vault(settings.secret_key)
+    workspaces = Workspaces(store, vault)
+    numbers = Numbers(store, workspaces)
+    ledger = Ledger(store)
+    meter = Meter(ledger, app[webhooks.METRICS], settings.flush_interval_ms)
+    http = aiohttp.ClientSession()
+
+    app[api.OPERATOR_KEY] = settings.operator_key
+    app[api.WORKSPACES] = workspaces
+    app[api.NUMBERS] = numbers
+    app[api.LEDGER] = ledger
+    app[webhooks.ROUTER_NUMBERS] = numbers
+    app[webhooks.ROUTER_LEDGER] = ledger
+    app[webhooks.TOKENS] = StreamTokens(
+        settings.secret_key, store, settings.stream_token_ttl_secs
+    )
+    app[stream.STREAM_WORKSPACES] = workspaces
+    app[stream.METER] = meter
+    app[stream.VAPI] = VapiClient(
+        http, settings.vapi_api_url, settings.upstream_timeout_secs
+    )
+    app[HTTP] = http
+    meter.start()
+    try:
+        yield
+    finally:
+        await meter.close()
+        await http.close()
+
+
+async def _end_live_calls(app: web.Application) -> None:
+    """Cancel every live call so each hangs up both sides and settles."""
+    live = app[stream.LIVE_CALLS]
+    calls = list(live)
+    for task in calls:
+        task.cancel()
+    if calls:
+        router_logger.info("ending %d live calls for shutdown", len(calls))
+        await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process is up and serving."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: the store answers, so calls can be routed and metered."""
+    try:
+        async with asyncio.timeout(1.0):
+            await request.app[STORE].ping()
+    except (TimeoutError, redis.RedisError, OSError):
+        return problem(503, "store-unavailable", "Store Unavailable")
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text exposition."""
+    body = generate_latest(request.app[webhooks.METRICS].registry)
+    response = web.Response(body=body)
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    response.charset = "utf-8"
+    return response
+
+
+def create_app(
+    settings: Settings, registry: CollectorRegistry | None = None
+) -> web.Application:
+    """The whole Callgate application; the store starts when the app does."""
+    app = web.Application(
+        middlewares=[api.api_middleware], client_max_size=_MAX_BODY_BYTES
+    )
+    app[webhooks.SETTINGS] = settings
+    app[webhooks.METRICS] = Metrics(registry or CollectorRegistry())
+    tokens: dict[str, str] = {}
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        tokens[settings.twilio_account_sid] = settings.twilio_auth_token
+    app[webhooks.SIGNER] = TwilioSigner(tokens, enabled=settings.verify_signatures)
+    live_calls: set[asyncio.Task[object]] = set()
+    app[stream.LIVE_CALLS] = live_calls
+
+    app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_services)
+    app.on_shutdown.append(_end_live_calls)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/twilio/voice", webhooks.voice)
+    app.router.add_post("/twilio/status", webhooks.status)
+    app.router.add_get(webhooks.STREAM_PATH + "{token}", stream.stream)
+    api.add_routes(app)
+    return app

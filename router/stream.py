@@ -1,0 +1,198 @@
+"""The media stream endpoint: authenticate the upgrade, then run the call.
+
+Before upgrading, the stream token is verified (signature and expiry, no store
+access), then Twilio's signature over the exact ``wss://`` URL with the token
+of the account the token names, and only then is the single-use token
+consumed. After the upgrade: ``connected`` and ``start``, the agent's call,
+metering, the bridge, and exactly one end reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as redis
+from aiohttp import WSMsgType, web
+
+from media import frames
+from media.bridge import Bridge, EndReason
+from media.vapi import VapiClient
+from metering.meter import CallSession, Meter
+from router.tokens import StreamClaims
+from router.webhooks import METRICS, ROUTER_LEDGER, SETTINGS, SIGNER, TOKENS
+from tenancy.errors import (
+    SealError,
+    SignatureError,
+    StoreError,
+    StreamTokenError,
+    UpstreamError,
+)
+from tenancy.logs import CallLog, call_logger, media_logger
+from tenancy.problems import problem
+from tenancy.workspaces import Workspaces
+
+METER = web.AppKey("meter", Meter)
+VAPI = web.AppKey("vapi", VapiClient)
+STREAM_WORKSPACES = web.AppKey("stream_workspaces", Workspaces)
+LIVE_CALLS: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("live_calls")
+
+HANDSHAKE_TIMEOUT_SECS = 10.0
+_MAX_FRAME_BYTES = 64 * 1024
+
+
+def _refuse(request: web.Request, outcome: str, detail: str) -> web.Response:
+    request.app[METRICS].stream_upgrades.labels(outcome).inc()
+    media_logger.warning("refused stream upgrade: %s", detail)
+    return problem(403, outcome.replace("_", "-"), "Forbidden", detail)
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """``GET /twilio/stream/{token}``: one call's Twilio Media Stream."""
+    app = request.app
+    try:
+        claims = app[TOKENS].verify(request.match_info["token"])
+    except StreamTokenError as exc:
+        return _refuse(request, "bad_token", str(exc))
+    url = app[SETTINGS].stream_base_url + request.raw_path
+    try:
+        app[SIGNER].verify(
+            claims.account_sid, url, {}, request.headers.get("X-Twilio-Signature")
+        )
+    except SignatureError as exc:
+        return _refuse(request, "bad_signature", str(exc))
+
+    socket = web.WebSocketResponse(max_msg_size=_MAX_FRAME_BYTES, autoping=True)
+    if not socket.can_prepare(request).ok:
+        return problem(400, "not-websocket", "Bad Request", "expected an upgrade")
+    try:
+        await app[TOKENS].consume(claims)
+    except StreamTokenError as exc:
+        return _refuse(request, "token_reused", str(exc))
+    except (StoreError, redis.RedisError):
+        media_logger.error("cannot check stream token: store down", exc_info=True)
+        return problem(503, "store-unavailable", "Store Unavailable")
+    await socket.prepare(request)
+    app[METRICS].stream_upgrades.labels("accepted").inc()
+
+    log = CallLog(
+        media_logger, {"workspace": claims.workspace_id, "call": claims.call_sid}
+    )
+    live = app[LIVE_CALLS]
+    task = asyncio.current_task()
+    assert task is not None
+    live.add(task)
+    try:
+        await _run_call(app, socket, claims, log)
+    finally:
+        live.discard(task)
+    return socket
+
+
+async def _handshake(
+    socket: web.WebSocketResponse, state: frames.StreamState
+) -> frames.Start:
+    """Read ``connected`` then ``start``; raise on anything else."""
+    while state.start is None:
+        message = await socket.receive(timeout=HANDSHAKE_TIMEOUT_SECS)
+        if message.type is not WSMsgType.TEXT:
+            raise frames.StreamFrameError(
+                "stream closed or sent binary before start",
+                frames.CLOSE_UNSUPPORTED_DATA,
+            )
+        state.receive(message.data)
+    return state.start
+
+
+async def _run_call(
+    app: web.Application,
+    socket: web.WebSocketResponse,
+    claims: StreamClaims,
+    log: CallLog,
+) -> None:
+    workspace_id = claims.workspace_id
+    metrics = app[METRICS]
+    state = frames.StreamState()
+    try:
+        start = await _handshake(socket, state)
+    except frames.StreamFrameError as exc:
+        metrics.frames_malformed.labels("twilio").inc()
+        log.warning("stream handshake failed: %s", exc)
+        await socket.close(code=exc.close_code, message=str(exc)[:120].encode())
+        return
+    except TimeoutError:
+        log.warning("no start message within %ss", HANDSHAKE_TIMEOUT_SECS)
+        await socket.close(code=frames.CLOSE_POLICY_VIOLATION, message=b"no start")
+        return
+    if start.call_sid != claims.call_sid or start.account_sid != claims.account_sid:
+        metrics.frames_malformed.labels("twilio").inc()
+        log.warning("start message names another call")
+        await socket.close(
+            code=frames.CLOSE_POLICY_VIOLATION, message=b"stream is for another call"
+        )
+        return
+
+    session = await app[METER].begin(
+        workspace_id,
+        claims.call_sid,
+        agent_id=claims.agent_id,
+        number=claims.number,
+        stream_sid=start.stream_sid,
+    )
+    reason = EndReason.UPSTREAM_FAILED
+    try:
+        reason = await _bridge(app, socket, state, session, log)
+    except asyncio.CancelledError:
+        reason = EndReason.SHUTDOWN
+        raise
+    finally:
+        await app[METER].end(session, reason.value)
+        CallLog(call_logger, {"workspace": workspace_id, "call": claims.call_sid}).info(
+            "call ended reason=%s metered_ms=%d agent=%s",
+            reason.value,
+            app[METER].metered_ms(session),
+            claims.agent_id,
+        )
+
+
+async def _bridge(
+    app: web.Application,
+    socket: web.WebSocketResponse,
+    state: frames.StreamState,
+    session: CallSession,
+    log: CallLog,
+) -> EndReason:
+    """Open the agent's call and relay audio until one side ends."""
+    workspaces = app[STREAM_WORKSPACES]
+    metrics = app[METRICS]
+    try:
+        agent = await workspaces.get_agent(session.workspace_id, session.agent_id)
+        api_key = await workspaces.agent_api_key(session.workspace_id, agent.id)
+        upstream = await app[VAPI].connect(
+            api_key=api_key,
+            assistant_id=agent.assistant_id,
+            metadata={
+                "callgate_workspace_id": session.workspace_id,
+                "twilio_call_sid": session.call_sid,
+            },
+        )
+    except UpstreamError as exc:
+        metrics.upstream_errors.labels("vapi", "connect").inc()
+        log.warning("agent platform unavailable: %s", exc)
+        await socket.close(code=frames.CLOSE_NORMAL)
+        return EndReason.UPSTREAM_FAILED
+    except (SealError, StoreError, redis.RedisError, LookupError):
+        metrics.upstream_errors.labels("vapi", "config").inc()
+        log.error("cannot open the agent's call", exc_info=True)
+        await socket.close(code=frames.CLOSE_NORMAL)
+        return EndReason.UPSTREAM_FAILED
+
+    try:
+        await app[ROUTER_LEDGER].set_fields(
+            session.workspace_id,
+            session.call_sid,
+            {"provider": upstream.provider, "provider_call_id": upstream.call_id},
+        )
+    except redis.RedisError:
+        log.warning("could not record the provider call id", exc_info=True)
+    bridge = Bridge(socket, state, upstream, metrics, log)
+    return await bridge.run()

@@ -1,0 +1,1 @@
+"""Workspaces and everything they own: numbers, agents, credentials, keys."""

@@ -1,0 +1,315 @@
+"""The operator API under ``/api/v1``: workspaces, agents, numbers, usage, calls.
+
+Bearer-authenticated with the operator key. Bodies are validated by pydantic
+models and every error is an RFC 9457 problem document.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import Annotated, Any, Literal, TypeVar
+
+import orjson
+import redis.asyncio as redis
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from metering.ledger import CallRecord, Ledger, Usage, month_of
+from tenancy import keyspace
+from tenancy.errors import (
+    CallgateError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    NumberOwnedError,
+    StoreError,
+)
+from tenancy.logs import tenancy_logger
+from tenancy.numbers import Number, Numbers
+from tenancy.problems import problem
+from tenancy.workspaces import Agent, Workspace, Workspaces, now_ms
+
+PREFIX = "/api/v1"
+
+OPERATOR_KEY = web.AppKey("operator_key", str)
+WORKSPACES = web.AppKey("workspaces", Workspaces)
+NUMBERS = web.AppKey("numbers", Numbers)
+LEDGER = web.AppKey("ledger", Ledger)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class CreateWorkspace(_Body):
+    """Body of ``POST /workspaces``."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class CreateAgent(_Body):
+    """Body of ``POST /workspaces/{id}/agents``; ``api_key`` is write-only."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    provider: Literal["vapi"]
+    assistant_id: Annotated[str, Field(min_length=1, max_length=200)]
+    api_key: Annotated[str, Field(min_length=1, max_length=500)]
+
+
+class AttachNumber(_Body):
+    """Body of ``POST /workspaces/{id}/numbers``."""
+
+    number: Annotated[str, Field(pattern=r"^\+[1-9][0-9]{1,14}$")]
+    agent_id: Annotated[str, Field(pattern=r"^ag_[a-z2-7]{16}$")]
+    twilio_account_sid: Annotated[
+        str | None, Field(default=None, pattern=r"^AC[0-9a-f]{32}$")
+    ]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data), status=status, content_type="application/json"
+    )
+
+
+def _iso(epoch_ms: int | None) -> str | None:
+    if epoch_ms is None:
+        return None
+    moment = dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _workspace(workspace: Workspace) -> dict[str, Any]:
+    return {
+        "id": workspace.id,
+        "name": workspace.name,
+        "status": workspace.status,
+        "created_at": _iso(workspace.created_at_ms),
+    }
+
+
+def _agent(agent: Agent) -> dict[str, Any]:
+    return {
+        "id": agent.id,
+        "workspace_id": agent.workspace_id,
+        "name": agent.name,
+        "provider": agent.provider,
+        "assistant_id": agent.assistant_id,
+        "created_at": _iso(agent.created_at_ms),
+    }
+
+
+def _number(number: Number) -> dict[str, Any]:
+    return {
+        "number": number.e164,
+        "workspace_id": number.workspace_id,
+        "agent_id": number.agent_id,
+        "twilio_account_sid": number.twilio_account_sid,
+        "attached_at": _iso(number.attached_at_ms),
+    }
+
+
+def _call(record: CallRecord) -> dict[str, Any]:
+    document = asdict(record)
+    document["metered_secs"] = record.metered_ms / 1000
+    for name in ("arrived_at", "started_at", "ended_at"):
+        document[name] = _iso(document.pop(f"{name}_ms"))
+    return document
+
+
+def _usage(usage: Usage) -> dict[str, Any]:
+    def lines(table: dict[str, Any]) -> dict[str, Any]:
+        return {
+            owner: {"seconds": line.ms / 1000, "ms": line.ms, "calls": line.calls}
+            for owner, line in sorted(table.items())
+        }
+
+    return {
+        "workspace_id": usage.workspace_id,
+        "period": usage.period,
+        "seconds": usage.ms / 1000,
+        "ms": usage.ms,
+        "calls": usage.calls,
+        "agents": lines(usage.agents),
+        "numbers": lines(usage.numbers),
+    }
+
+
+async def _body(request: web.Request, model: type[M]) -> M:
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidInputError("request body is not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        raise InvalidInputError(first["msg"], field=field) from None
+
+
+async def create_workspace(request: web.Request) -> web.Response:
+    """``POST /workspaces``: a new, empty, active workspace."""
+    body = await _body(request, CreateWorkspace)
+    workspace = await request.app[WORKSPACES].create(body.name)
+    tenancy_logger.info("created workspace %s", workspace.id)
+    return _json(_workspace(workspace), status=201)
+
+
+async def list_workspaces(request: web.Request) -> web.Response:
+    """``GET /workspaces``: every workspace, oldest first."""
+    workspaces = await request.app[WORKSPACES].all()
+    return _json({"items": [_workspace(w) for w in workspaces]})
+
+
+async def get_workspace(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}``."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    return _json(_workspace(workspace))
+
+
+async def create_agent(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/agents``; the API key is never returned."""
+    workspace_id = request.match_info["workspace_id"]
+    body = await _body(request, CreateAgent)
+    agent = await request.app[WORKSPACES].create_agent(
+        workspace_id,
+        name=body.name,
+        provider=body.provider,
+        assistant_id=body.assistant_id,
+        api_key=body.api_key,
+    )
+    tenancy_logger.info("created agent %s in workspace %s", agent.id, workspace_id)
+    return _json(_agent(agent), status=201)
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/agents``."""
+    agents = await request.app[WORKSPACES].list_agents(
+        request.match_info["workspace_id"]
+    )
+    return _json({"items": [_agent(agent) for agent in agents]})
+
+
+async def attach_number(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/numbers``: claim and route a number."""
+    workspace_id = request.match_info["workspace_id"]
+    body = await _body(request, AttachNumber)
+    number = await request.app[NUMBERS].attach(
+        workspace_id, body.number, body.agent_id, body.twilio_account_sid
+    )
+    tenancy_logger.info("attached a number to workspace %s", workspace_id)
+    return _json(_number(number), status=201)
+
+
+async def list_numbers(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/numbers``."""
+    numbers = await request.app[NUMBERS].of_workspace(
+        request.match_info["workspace_id"]
+    )
+    return _json({"items": [_number(number) for number in numbers]})
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/usage?period=YYYY-MM[-DD]``."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    period = request.query.get("period") or month_of(now_ms())
+    try:
+        keyspace.usage(workspace.id, period)
+    except InvalidInputError as exc:
+        raise InvalidInputError(str(exc), field="period") from None
+    usage = await request.app[LEDGER].usage(workspace.id, period)
+    return _json(_usage(usage))
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/calls?limit=N``: newest first."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    raw_limit = request.query.get("limit", "50")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
+        raise InvalidInputError("limit must be an integer from 1 to 500", "limit")
+    records = await request.app[LEDGER].recent_calls(workspace.id, int(raw_limit))
+    return _json({"items": [_call(record) for record in records]})
+
+
+async def get_call(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/calls/{call_sid}``."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    record = await request.app[LEDGER].get_call(
+        workspace.id, request.match_info["call_sid"]
+    )
+    return _json(_call(record))
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate ``/api/v1`` requests and turn failures into problems."""
+    if not request.path.startswith(PREFIX + "/") and request.path != PREFIX:
+        return await handler(request)
+
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    expected = _digest(request.app[OPERATOR_KEY])
+    if scheme.lower() != "bearer" or not hmac.compare_digest(_digest(key), expected):
+        return problem(
+            401,
+            "unauthorized",
+            "Unauthorized",
+            "a valid bearer key is required",
+            headers={"WWW-Authenticate": 'Bearer realm="callgate"'},
+        )
+    try:
+        return await handler(request)
+    except NotFoundError:
+        return problem(404, "not-found", "Not Found", "no such resource")
+    except NumberOwnedError:
+        detail = "the number belongs to another workspace"
+        return problem(409, "number-owned", "Number Owned", detail)
+    except ConflictError:
+        return problem(409, "conflict", "Conflict")
+    except InvalidInputError as exc:
+        return problem(
+            422,
+            "invalid-input",
+            "Invalid Input",
+            f"{exc.field}: {exc}" if exc.field else str(exc),
+            field=exc.field,
+        )
+    except (StoreError, redis.RedisError):
+        tenancy_logger.error("store failed during %s", request.path, exc_info=True)
+        return problem(503, "store-unavailable", "Store Unavailable")
+    except web.HTTPException as exc:
+        return problem(exc.status, _slug(exc.reason), exc.reason)
+    except CallgateError:
+        tenancy_logger.error("unexpected error on %s", request.path, exc_info=True)
+        return problem(500, "internal", "Internal Error")
+
+
+def _slug(reason: str) -> str:
+    return reason.lower().replace(" ", "-")
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the operator API on ``app``."""
+    ws = PREFIX + "/workspaces/{workspace_id}"
+    app.router.add_post(PREFIX + "/workspaces", create_workspace)
+    app.router.add_get(PREFIX + "/workspaces", list_workspaces)
+    app.router.add_get(ws, get_workspace)
+    app.router.add_post(ws + "/agents", create_agent)
+    app.router.add_get(ws + "/agents", list_agents)
+    app.router.add_post(ws + "/numbers", attach_number)
+    app.router.add_get(ws + "/numbers", list_numbers)
+    app.router.add_get(ws + "/usage", get_usage)
+    app.router.add_get(ws + "/calls", list_calls)
+    app.router.add_get(ws + "/calls/{call_sid}", get_call)

@@ -1,0 +1,117 @@
+"""Every Redis key Callgate reads or writes is built here, and nowhere else.
+
+A workspace's keys all carry the hash tag ``{ws:<id>}`` so they share one Redis
+Cluster slot, which keeps multi-key Lua scripts cluster-safe and makes a
+workspace's data findable (and deletable) by one ``SCAN`` pattern.
+
+Global keys, the only ones outside a workspace:
+
+``cg:workspaces``
+    sorted set of workspace ids, scored by creation time in milliseconds.
+``cg:numbers``
+    hash from an E.164 number to the id of the one workspace that owns it.
+
+Identifiers are checked before they become part of a key, so nothing read
+from the wire can reach into another workspace's namespace.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from base64 import b32encode
+
+from tenancy.errors import InvalidInputError
+
+PREFIX = "cg"
+WORKSPACES = f"{PREFIX}:workspaces"
+NUMBERS = f"{PREFIX}:numbers"
+GLOBAL_KEYS = frozenset({WORKSPACES, NUMBERS})
+
+_ID_BODY = "[a-z2-7]{16}"
+WORKSPACE_ID = re.compile(rf"ws_{_ID_BODY}")
+AGENT_ID = re.compile(rf"ag_{_ID_BODY}")
+E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+CALL_SID = re.compile(r"CA[0-9a-f]{32}")
+ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
+_NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_PERIOD = re.compile(r"[0-9]{4}-[0-9]{2}(-[0-9]{2})?")
+
+
+def new_id(kind: str) -> str:
+    """A fresh random id such as ``ws_k3x...``: 80 bits, lowercase base32."""
+    body = b32encode(secrets.token_bytes(10)).decode("ascii").lower()
+    return f"{kind}_{body}"
+
+
+def check(pattern: re.Pattern[str], value: str, field: str) -> str:
+    """Return ``value`` if it fully matches ``pattern``, else raise for ``field``."""
+    if not pattern.fullmatch(value):
+        raise InvalidInputError(f"{field} is not a valid identifier", field=field)
+    return value
+
+
+def workspace_prefix(workspace_id: str) -> str:
+    """The prefix of every key of one workspace, hash tag included."""
+    check(WORKSPACE_ID, workspace_id, "workspace_id")
+    return f"{PREFIX}:{{ws:{workspace_id}}}"
+
+
+def workspace_pattern(workspace_id: str) -> str:
+    """A ``SCAN MATCH`` pattern for every key of one workspace."""
+    return workspace_prefix(workspace_id).replace("{", "\\{").replace("}", "\\}") + ":*"
+
+
+def workspace(workspace_id: str) -> str:
+    """Hash: the workspace's own record (name, status, timestamps)."""
+    return f"{workspace_prefix(workspace_id)}:meta"
+
+
+def agents(workspace_id: str) -> str:
+    """Set: ids of the workspace's agents."""
+    return f"{workspace_prefix(workspace_id)}:agents"
+
+
+def agent(workspace_id: str, agent_id: str) -> str:
+    """Hash: one agent (provider, assistant id, sealed API key)."""
+    check(AGENT_ID, agent_id, "agent_id")
+    return f"{workspace_prefix(workspace_id)}:agent:{agent_id}"
+
+
+def numbers(workspace_id: str) -> str:
+    """Set: the E.164 numbers the workspace owns."""
+    return f"{workspace_prefix(workspace_id)}:numbers"
+
+
+def number(workspace_id: str, e164: str) -> str:
+    """Hash: one owned number (agent it routes to, owning Twilio account)."""
+    check(E164, e164, "number")
+    return f"{workspace_prefix(workspace_id)}:number:{e164}"
+
+
+def stream_token(workspace_id: str, nonce: str) -> str:
+    """String with a TTL: marks a stream token as issued and not yet used."""
+    check(_NONCE, nonce, "nonce")
+    return f"{workspace_prefix(workspace_id)}:streamtok:{nonce}"
+
+
+def call(workspace_id: str, call_sid: str) -> str:
+    """Hash: one call record."""
+    check(CALL_SID, call_sid, "call_sid")
+    return f"{workspace_prefix(workspace_id)}:call:{call_sid}"
+
+
+def calls(workspace_id: str) -> str:
+    """Sorted set: call sids, scored by the time the call arrived (ms)."""
+    return f"{workspace_prefix(workspace_id)}:calls"
+
+
+def usage(workspace_id: str, period: str) -> str:
+    """Hash: usage counters for a month (``2026-12``) or a day (``2026-12-03``).
+
+    Fields: ``ms`` and ``calls`` for the workspace, and ``agent:<id>:ms``,
+    ``number:<e164>:ms`` per agent and per number.
+    """
+    if not _PERIOD.fullmatch(period):
+        raise InvalidInputError("period must be YYYY-MM or YYYY-MM-DD", "period")
+    return f"{workspace_prefix(workspace_id)}:usage:{period}"

@@ -1,0 +1,28 @@
+"""Store replies as text: the client decodes them, but its types say bytes or str."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def text(value: Any) -> str:
+    """One reply as ``str``."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return str(value)
+
+
+def text_or_none(value: Any) -> str | None:
+    """One reply as ``str``, keeping ``None`` (a missing key or field)."""
+    return None if value is None else text(value)
+
+
+def texts(values: Iterable[Any]) -> list[str]:
+    """A multi-bulk reply as a list of ``str``."""
+    return [text(value) for value in values]
+
+
+def text_map(fields: Mapping[Any, Any]) -> dict[str, str]:
+    """A hash reply (``HGETALL``) as ``dict[str, str]``."""
+    return {text(key): text(value) for key, value in fields.items()}

@@ -1,0 +1,192 @@
+"""Workspaces and their agents as stored records: one client's world each.
+
+An agent's provider API key is sealed with the vault, bound to its workspace
+and agent ids, and never leaves this module except to open an upstream call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import redis.asyncio as redis
+
+from tenancy import keyspace
+from tenancy.errors import AgentNotFoundError, WorkspaceNotFoundError
+from tenancy.replies import text_map, texts
+from tenancy.vault import Vault
+
+Provider = Literal["vapi"]
+PROVIDERS: tuple[Provider, ...] = ("vapi",)
+
+
+def now_ms() -> int:
+    """Wall-clock time in integer milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    """One client of the agency."""
+
+    id: str
+    name: str
+    status: Literal["active", "suspended"]
+    created_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """An agent on a provider platform that a workspace's numbers route to."""
+
+    id: str
+    workspace_id: str
+    name: str
+    provider: Provider
+    assistant_id: str
+    created_at_ms: int
+
+
+def _api_key_context(workspace_id: str, agent_id: str) -> str:
+    return f"agent-api-key/{workspace_id}/{agent_id}"
+
+
+class Workspaces:
+    """Creates and reads workspaces and agents in the store."""
+
+    def __init__(self, store: redis.Redis, vault: Vault) -> None:
+        self._store = store
+        self._vault = vault
+
+    async def create(self, name: str) -> Workspace:
+        """Create an active workspace with a fresh id."""
+        workspace = Workspace(
+            id=keyspace.new_id("ws"),
+            name=name,
+            status="active",
+            created_at_ms=now_ms(),
+        )
+        # The record goes first: an id listed in the index always has one.
+        await self._store.hset(
+            keyspace.workspace(workspace.id),
+            mapping={
+                "id": workspace.id,
+                "name": workspace.name,
+                "status": workspace.status,
+                "created_at_ms": workspace.created_at_ms,
+            },
+        )
+        await self._store.zadd(
+            keyspace.WORKSPACES, {workspace.id: workspace.created_at_ms}
+        )
+        return workspace
+
+    async def get(self, workspace_id: str) -> Workspace:
+        """The workspace, or :class:`WorkspaceNotFoundError`."""
+        if not keyspace.WORKSPACE_ID.fullmatch(workspace_id):
+            raise WorkspaceNotFoundError(workspace_id)
+        fields = text_map(await self._store.hgetall(keyspace.workspace(workspace_id)))
+        if not fields:
+            raise WorkspaceNotFoundError(workspace_id)
+        return _workspace(fields)
+
+    async def all(self) -> list[Workspace]:
+        """Every workspace, oldest first."""
+        ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
+        async with self._store.pipeline(transaction=False) as pipe:
+            for workspace_id in ids:
+                pipe.hgetall(keyspace.workspace(workspace_id))
+            records = await pipe.execute()
+        return [_workspace(text_map(fields)) for fields in records if fields]
+
+    async def create_agent(
+        self,
+        workspace_id: str,
+        *,
+        name: str,
+        provider: Provider,
+        assistant_id: str,
+        api_key: str,
+    ) -> Agent:
+        """Create an agent; its ``api_key`` is stored sealed, never in clear."""
+        await self.get(workspace_id)
+        agent = Agent(
+            id=keyspace.new_id("ag"),
+            workspace_id=workspace_id,
+            name=name,
+            provider=provider,
+            assistant_id=assistant_id,
+            created_at_ms=now_ms(),
+        )
+        sealed = self._vault.seal(api_key, _api_key_context(workspace_id, agent.id))
+        async with self._store.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                keyspace.agent(workspace_id, agent.id),
+                mapping={
+                    "id": agent.id,
+                    "workspace_id": workspace_id,
+                    "name": agent.name,
+                    "provider": agent.provider,
+                    "assistant_id": agent.assistant_id,
+                    "api_key_sealed": sealed,
+                    "created_at_ms": agent.created_at_ms,
+                },
+            )
+            pipe.sadd(keyspace.agents(workspace_id), agent.id)
+            await pipe.execute()
+        return agent
+
+    async def get_agent(self, workspace_id: str, agent_id: str) -> Agent:
+        """The workspace's agent, or :class:`AgentNotFoundError`."""
+        fields = await self._agent_fields(workspace_id, agent_id)
+        return _agent(fields)
+
+    async def list_agents(self, workspace_id: str) -> list[Agent]:
+        """The workspace's agents, oldest first."""
+        await self.get(workspace_id)
+        ids = sorted(texts(await self._store.smembers(keyspace.agents(workspace_id))))
+        async with self._store.pipeline(transaction=False) as pipe:
+            for agent_id in ids:
+                pipe.hgetall(keyspace.agent(workspace_id, agent_id))
+            records = await pipe.execute()
+        agents = [_agent(text_map(fields)) for fields in records if fields]
+        return sorted(agents, key=lambda agent: agent.created_at_ms)
+
+    async def agent_api_key(self, workspace_id: str, agent_id: str) -> str:
+        """Open the agent's sealed provider API key, for an upstream request."""
+        fields = await self._agent_fields(workspace_id, agent_id)
+        return self._vault.open(
+            fields["api_key_sealed"], _api_key_context(workspace_id, agent_id)
+        )
+
+    async def _agent_fields(self, workspace_id: str, agent_id: str) -> dict[str, str]:
+        if not keyspace.AGENT_ID.fullmatch(agent_id):
+            raise AgentNotFoundError(agent_id)
+        fields = text_map(
+            await self._store.hgetall(keyspace.agent(workspace_id, agent_id))
+        )
+        if not fields:
+            raise AgentNotFoundError(agent_id)
+        return fields
+
+
+def _workspace(fields: dict[str, str]) -> Workspace:
+    status = fields["status"]
+    return Workspace(
+        id=fields["id"],
+        name=fields["name"],
+        status="suspended" if status == "suspended" else "active",
+        created_at_ms=int(fields["created_at_ms"]),
+    )
+
+
+def _agent(fields: dict[str, str]) -> Agent:
+    return Agent(
+        id=fields["id"],
+        workspace_id=fields["workspace_id"],
+        name=fields["name"],
+        provider="vapi",
+        assistant_id=fields["assistant_id"],
+        created_at_ms=int(fields["created_at_ms"]),
+    )

@@ -1,0 +1,70 @@
+"""Fixtures shared by every test: a real Valkey server, started once per session."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as redis
+
+from router.store import connect, valkey_binary
+
+_READY = b"Ready to accept connections"
+
+
+@pytest.fixture(scope="session")
+def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``unix://`` URL of a Valkey server that lives for the whole session."""
+    directory = tmp_path_factory.mktemp("valkey")
+    socket_path = directory / "valkey.sock"
+    process = subprocess.Popen(
+        [
+            str(valkey_binary()),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    log: list[bytes] = []
+    for line in process.stdout:
+        log.append(line)
+        if _READY in line:
+            break
+    else:
+        raise RuntimeError(b"valkey did not start: " + b"".join(log[-5:]))
+    # Keep draining the server's output so a full pipe never blocks it.
+    stdout = process.stdout
+    drain = threading.Thread(target=lambda: stdout.read(), daemon=True)
+    drain.start()
+    try:
+        yield f"unix://{socket_path}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        drain.join(timeout=5)
+        stdout.close()
+
+
+@pytest.fixture
+async def store(valkey_url: str) -> AsyncIterator[redis.Redis]:
+    """A client of the session's Valkey, emptied before each test."""
+    client = connect(valkey_url)
+    await client.flushall()
+    try:
+        yield client
+    finally:
+        await client.aclose()

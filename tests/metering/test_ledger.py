@@ -1,0 +1,158 @@
+"""Tests for call records and usage counters, on a real Valkey."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as redis
+
+from metering.ledger import CallNotFoundError, Ledger, day_of, month_of
+from tenancy import keyspace
+
+CALL = "CA" + "a" * 32
+NUMBER = "+14155550100"
+
+
+@pytest.fixture
+def ids() -> tuple[str, str]:
+    """A fresh workspace id and agent id."""
+    return keyspace.new_id("ws"), keyspace.new_id("ag")
+
+
+async def _open(ledger: Ledger, workspace: str, agent: str, at_ms: int) -> None:
+    await ledger.open_call(
+        workspace,
+        CALL,
+        agent_id=agent,
+        from_number="+12125550123",
+        to_number=NUMBER,
+        arrived_at_ms=at_ms,
+    )
+    await ledger.start_call(
+        workspace,
+        CALL,
+        agent_id=agent,
+        number=NUMBER,
+        stream_sid="MZ" + "b" * 32,
+        started_at_ms=at_ms,
+    )
+
+
+async def _report(
+    ledger: Ledger,
+    workspace: str,
+    agent: str,
+    metered_ms: int,
+    at_ms: int,
+    end_reason: str | None = None,
+) -> list[object]:
+    async with ledger.pipeline() as pipe:
+        await ledger.queue_meter(
+            pipe,
+            workspace,
+            CALL,
+            metered_ms=metered_ms,
+            agent_id=agent,
+            number=NUMBER,
+            at_ms=at_ms,
+            end_reason=end_reason,
+        )
+        return list(await pipe.execute())
+
+
+def test_periods_are_utc_months_and_days() -> None:
+    """Epoch milliseconds map to their UTC month and day."""
+    assert month_of(1_796_256_000_000) == "2026-12"
+    assert day_of(1_796_256_000_000) == "2026-12-03"
+
+
+async def test_cumulative_reports_never_count_twice(
+    store: redis.Redis, ids: tuple[str, str]
+) -> None:
+    """Retried and reordered reports add only what is new."""
+    workspace, agent = ids
+    ledger = Ledger(store)
+    at = 1_796_256_000_000
+    await _open(ledger, workspace, agent, at)
+    assert await _report(ledger, workspace, agent, 1000, at) == [1000]
+    assert await _report(ledger, workspace, agent, 1000, at) == [0]
+    assert await _report(ledger, workspace, agent, 2500, at) == [1500]
+    assert await _report(ledger, workspace, agent, 2000, at) == [0]
+    usage = await ledger.usage(workspace, "2026-12")
+    assert (usage.ms, usage.calls) == (2500, 1)
+    assert usage.agents[agent].ms == 2500
+    assert usage.numbers[NUMBER].ms == 2500
+    assert (await ledger.usage(workspace, "2026-12-03")).ms == 2500
+
+
+async def test_final_report_closes_the_record_once(
+    store: redis.Redis, ids: tuple[str, str]
+) -> None:
+    """The end report sets the end time and reason; a replay keeps the first."""
+    workspace, agent = ids
+    ledger = Ledger(store)
+    at = 1_796_256_000_000
+    await _open(ledger, workspace, agent, at)
+    await _report(ledger, workspace, agent, 6000, at + 6000, "caller_hung_up")
+    await _report(ledger, workspace, agent, 6000, at + 9000, "agent_hung_up")
+    record = await ledger.get_call(workspace, CALL)
+    assert record.status == "completed"
+    assert record.metered_ms == 6000
+    assert record.ended_at_ms == at + 6000
+    assert record.end_reason == "caller_hung_up"
+
+
+async def test_start_counts_a_call_once(
+    store: redis.Redis, ids: tuple[str, str]
+) -> None:
+    """A repeated start does not count the call again."""
+    workspace, agent = ids
+    ledger = Ledger(store)
+    at = 1_796_256_000_000
+    await _open(ledger, workspace, agent, at)
+    again = await ledger.start_call(
+        workspace,
+        CALL,
+        agent_id=agent,
+        number=NUMBER,
+        stream_sid="MZ" + "b" * 32,
+        started_at_ms=at + 5,
+    )
+    assert again is False
+    assert (await ledger.usage(workspace, "2026-12")).calls == 1
+
+
+async def test_reports_for_unknown_calls_change_nothing(
+    store: redis.Redis, ids: tuple[str, str]
+) -> None:
+    """Metering a call with no record neither creates it nor counts time."""
+    workspace, agent = ids
+    ledger = Ledger(store)
+    assert await _report(ledger, workspace, agent, 5000, 1_796_256_000_000) == [-1]
+    assert (await ledger.usage(workspace, "2026-12")).ms == 0
+    with pytest.raises(CallNotFoundError):
+        await ledger.get_call(workspace, CALL)
+
+
+async def test_twilio_status_ignores_stale_callbacks(
+    store: redis.Redis, ids: tuple[str, str]
+) -> None:
+    """A callback with a lower sequence number never overwrites a later one."""
+    workspace, agent = ids
+    ledger = Ledger(store)
+    await _open(ledger, workspace, agent, 1_796_256_000_000)
+    assert await ledger.record_twilio_status(
+        workspace, CALL, status="completed", call_duration_secs=7, sequence=2
+    )
+    assert not await ledger.record_twilio_status(
+        workspace, CALL, status="in-progress", call_duration_secs=None, sequence=1
+    )
+    record = await ledger.get_call(workspace, CALL)
+    assert (record.twilio_status, record.twilio_call_duration_secs) == ("completed", 7)
+    with pytest.raises(CallNotFoundError):
+        await ledger.record_twilio_status(
+            workspace,
+            "CA" + "f" * 32,
+            status="completed",
+            call_duration_secs=1,
+            sequence=0,
+        )

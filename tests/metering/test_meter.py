@@ -1,0 +1,110 @@
+"""Tests for the per-process meter, on a real Valkey."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis.asyncio as redis
+from prometheus_client import CollectorRegistry
+
+from metering.ledger import Ledger, month_of
+from metering.meter import Meter
+from metering.metrics import Metrics
+from router.store import EmbeddedValkey, connect
+from tenancy import keyspace
+from tenancy.workspaces import now_ms
+
+CALL = "CA" + "c" * 32
+NUMBER = "+14155550111"
+STREAM = "MZ" + "d" * 32
+
+
+class FakeClock:
+    """A monotonic clock in nanoseconds that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now_ns = 1_000_000_000
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def advance_ms(self, ms: int) -> None:
+        self.now_ns += ms * 1_000_000
+
+
+async def _open(ledger: Ledger, workspace: str, agent: str) -> None:
+    await ledger.open_call(
+        workspace,
+        CALL,
+        agent_id=agent,
+        from_number="+12125550123",
+        to_number=NUMBER,
+        arrived_at_ms=now_ms(),
+    )
+
+
+async def test_end_settles_the_exact_duration(store: redis.Redis) -> None:
+    """Ending a session writes its exact duration, its reason and the metric."""
+    registry = CollectorRegistry()
+    clock = FakeClock()
+    ledger = Ledger(store)
+    meter = Meter(ledger, Metrics(registry), interval_ms=1000, clock=clock)
+    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
+    await _open(ledger, workspace, agent)
+
+    session = await meter.begin(
+        workspace, CALL, agent_id=agent, number=NUMBER, stream_sid=STREAM
+    )
+    clock.advance_ms(1200)
+    await meter.flush()
+    assert (await ledger.get_call(workspace, CALL)).metered_ms == 1200
+    clock.advance_ms(1300)
+    assert meter.active == 1
+    await meter.end(session, "caller_hung_up")
+    assert meter.active == 0
+
+    record = await ledger.get_call(workspace, CALL)
+    assert record.metered_ms == 2500
+    assert record.end_reason == "caller_hung_up"
+    assert (await ledger.usage(workspace, month_of(now_ms()))).ms == 2500
+    seconds = registry.get_sample_value(
+        "callgate_call_seconds_total", {"workspace": workspace}
+    )
+    assert seconds == 2.5
+
+
+async def test_flush_survives_a_store_outage_without_loss(tmp_path: Path) -> None:
+    """A settlement that fails while the store is down lands once it is back."""
+    server = EmbeddedValkey(tmp_path)
+    await server.start()
+    store = connect(server.url)
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    ledger = Ledger(store)
+    meter = Meter(ledger, Metrics(registry), interval_ms=1000, clock=clock)
+    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
+    try:
+        await _open(ledger, workspace, agent)
+        session = await meter.begin(
+            workspace, CALL, agent_id=agent, number=NUMBER, stream_sid=STREAM
+        )
+        clock.advance_ms(4000)
+
+        await server.stop()
+        await meter.end(session, "caller_hung_up")
+        failures = registry.get_sample_value(
+            "callgate_meter_flushes_total", {"outcome": "error"}
+        )
+        assert failures == 1
+
+        await server.start()
+        clock.advance_ms(9000)  # time after the hang-up must not count
+        await meter.flush()
+        record = await ledger.get_call(workspace, CALL)
+        assert record.metered_ms == 4000
+        assert record.end_reason == "caller_hung_up"
+        await meter.flush()
+        assert (await ledger.usage(workspace, month_of(now_ms()))).ms == 4000
+    finally:
+        await store.aclose()
+        await server.stop()

@@ -1,0 +1,1 @@
+"""Protocol peers that play Twilio and Vapi against Callgate in integration tests."""

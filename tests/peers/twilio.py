@@ -1,0 +1,351 @@
+"""Plays Twilio against Callgate: signed voice webhooks, the calls they start, REST."""
+
+import base64
+import binascii
+import email.utils
+import hmac
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .errors import PeerStateError, PeerTimeoutError, StreamRejected
+from .twilio_auth import (
+    SIGNATURE_HEADER,
+    TwilioAccount,
+    new_account,
+    new_call_sid,
+    new_stream_sid,
+    sign,
+)
+from .twilio_call import TERMINAL_STATUSES, CallStatus, ProtocolError, SimulatedCall
+
+__all__ = [
+    "CallStatus",
+    "FakeTwilioRest",
+    "ProtocolError",
+    "RecordedRequest",
+    "SimulatedCall",
+    "StreamRejected",
+    "TwilioAccount",
+    "TwilioSimulator",
+    "new_account",
+    "new_call_sid",
+    "new_stream_sid",
+    "sign",
+]
+
+logger = logging.getLogger("tests.peers")
+
+API_VERSION: Final = "2010-04-01"
+JsonObject = dict[str, Any]
+
+
+class TwilioSimulator:
+    """Sends Twilio's voice webhooks for one account's number to the server under test.
+
+    voice_url and status_url are the URLs configured on the number; they are what
+    gets signed, so they must match what the server reconstructs.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        account: TwilioAccount,
+        voice_url: str,
+        status_url: str,
+        *,
+        request_timeout_secs: float = 15.0,
+    ) -> None:
+        self.session = session
+        self.account = account
+        self.voice_url = voice_url
+        self.status_url = status_url
+        self.request_timeout_secs = request_timeout_secs
+        self.calls: list[SimulatedCall] = []
+
+    async def place_call(
+        self,
+        to: str,
+        from_: str,
+        call_sid: str | None = None,
+        extra_params: Mapping[str, str] | None = None,
+        signature: str | None = None,
+    ) -> SimulatedCall:
+        """POST the inbound-call webhook (§1.1) and return the call its TwiML starts.
+
+        signature replaces the correct X-Twilio-Signature, for negative tests.
+        """
+        params = {
+            "AccountSid": self.account.sid,
+            "ApiVersion": API_VERSION,
+            "CallSid": call_sid or new_call_sid(),
+            "CallStatus": "ringing",
+            "Called": to,
+            "CalledCountry": "US",
+            "Caller": from_,
+            "CallerCountry": "US",
+            "Direction": "inbound",
+            "From": from_,
+            "FromCountry": "US",
+            "To": to,
+            "ToCountry": "US",
+        }
+        params.update(extra_params or {})
+        status, text = await self._post(self.voice_url, params, signature)
+        call = SimulatedCall(self.account, params, status, text)
+        self.calls.append(call)
+        logger.info("call %s placed: http %d, %s", call.sid, status, call.status)
+        return call
+
+    async def send_status_callback(
+        self,
+        call: SimulatedCall,
+        status: CallStatus = "completed",
+        duration_secs: int | None = None,
+        signature: str | None = None,
+    ) -> int:
+        """POST a status callback (§1.2) for call and return the HTTP status.
+
+        duration_secs defaults to the call's own answer-to-hang-up time; Duration is
+        sent as whole minutes rounded up, as Twilio bills.
+        """
+        params = call.status_callback_params(status, duration_secs)
+        http_status, _ = await self._post(self.status_url, params, signature)
+        return http_status
+
+    async def close(self) -> None:
+        """Close every call this simulator placed."""
+        for call in self.calls:
+            await call.aclose()
+
+    async def _post(
+        self, url: str, params: Mapping[str, str], signature: str | None
+    ) -> tuple[int, str]:
+        if signature is None:
+            signature = sign(self.account.auth_token, url, params)
+        headers = {
+            SIGNATURE_HEADER: signature,
+            "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
+        }
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout_secs)
+        try:
+            async with self.session.post(
+                url, data=dict(params), headers=headers, timeout=timeout
+            ) as response:
+                return response.status, await response.text()
+        except TimeoutError as exc:
+            raise PeerTimeoutError(
+                f"a webhook reply from {url}", timeout.total or 0
+            ) from exc
+
+
+def _rfc2822(moment: datetime | None) -> str | None:
+    return None if moment is None else email.utils.format_datetime(moment)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request FakeTwilioRest received and the HTTP status it answered."""
+
+    method: str
+    path: str
+    form: Mapping[str, str]
+    status: int
+
+
+_CALL_PATH: Final = "/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
+
+
+def _twilio_error(status: int, code: int, message: str) -> web.Response:
+    body = {
+        "code": code,
+        "message": message,
+        "more_info": f"https://www.twilio.com/docs/errors/{code}",
+        "status": status,
+    }
+    return web.json_response(body, status=status)
+
+
+def _basic_credentials(header: str) -> tuple[str, str] | None:
+    """Return (login, password) from an Authorization header, None if not Basic."""
+    # aiohttp.BasicAuth is deprecated from aiohttp 3.14 on, so parse by hand.
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    login, colon, password = decoded.partition(":")
+    return (login, password) if colon else None
+
+
+async def _form(request: web.Request) -> dict[str, str]:
+    # aiohttp caches the parsed body, so the recorder and the handler share it.
+    posted = await request.post()
+    return {name: value for name, value in posted.items() if isinstance(value, str)}
+
+
+class FakeTwilioRest:
+    """Twilio's REST API for calls (§2.7), acting on live SimulatedCalls.
+
+    Serves http://127.0.0.1:<port>, meant as CALLGATE_TWILIO_API_URL.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self._accounts: dict[str, TwilioAccount] = {}
+        self._calls: dict[str, SimulatedCall] = {}
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, without a trailing slash."""
+        if self._url is None:
+            raise PeerStateError("fake twilio rest is not started")
+        return self._url
+
+    def add_account(self, account: TwilioAccount) -> None:
+        """Accept Basic auth with this account's sid and token."""
+        self._accounts[account.sid] = account
+
+    def register_call(self, call: SimulatedCall) -> None:
+        """Make call reachable under its account's Calls resource."""
+        self._calls[call.sid] = call
+
+    async def start(self) -> None:
+        """Listen on an ephemeral loopback port."""
+        app = web.Application(middlewares=[self._record])
+        app.router.add_post(_CALL_PATH, self._update_call)
+        app.router.add_get(_CALL_PATH, self._fetch_call)
+        runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self._runner = runner
+        host, port = runner.addresses[0][:2]
+        self._url = f"http://{host}:{port}"
+
+    async def close(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def count(self, method: str, status: int | None = None) -> int:
+        """Count recorded requests by method (and answered status, if given)."""
+        return sum(
+            1
+            for r in self.requests
+            if r.method == method and (status is None or r.status == status)
+        )
+
+    @web.middleware
+    async def _record(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        form = await _form(request)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            self.requests.append(
+                RecordedRequest(request.method, request.path, form, status)
+            )
+
+    def _authenticate(self, request: web.Request) -> web.Response | None:
+        account = self._accounts.get(request.match_info["account_sid"])
+        credentials = _basic_credentials(request.headers.get("Authorization", ""))
+        if (
+            account is None
+            or credentials is None
+            or credentials[0] != account.sid
+            or not hmac.compare_digest(credentials[1], account.auth_token)
+        ):
+            response = _twilio_error(401, 20003, "Authenticate")
+            response.headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
+            return response
+        return None
+
+    def _find_call(self, request: web.Request) -> SimulatedCall | None:
+        call = self._calls.get(request.match_info["call_sid"])
+        if call is None or call.account.sid != request.match_info["account_sid"]:
+            return None
+        return call
+
+    def _not_found(self, request: web.Request) -> web.Response:
+        message = f"The requested resource {request.path} was not found"
+        return _twilio_error(404, 20404, message)
+
+    async def _fetch_call(self, request: web.Request) -> web.Response:
+        refusal = self._authenticate(request)
+        if refusal is not None:
+            return refusal
+        call = self._find_call(request)
+        if call is None:
+            return self._not_found(request)
+        return web.json_response(self._resource(call, request.path))
+
+    async def _update_call(self, request: web.Request) -> web.Response:
+        refusal = self._authenticate(request)
+        if refusal is not None:
+            return refusal
+        call = self._find_call(request)
+        if call is None:
+            return self._not_found(request)
+
+        form = await _form(request)
+        status = form.get("Status")
+        twiml = form.get("Twiml")
+        url = form.get("Url")
+        if status is not None:
+            if status not in ("completed", "canceled"):
+                return _twilio_error(400, 21218, f"Invalid Status: {status}")
+            # canceled only touches queued or ringing calls, which never last
+            # past place_call here, so it changes nothing.
+            if status == "completed" and call.status == "in-progress":
+                call.complete_via_rest()
+        elif twiml is not None or url is not None:
+            if call.status != "in-progress":
+                message = "Call is not in-progress. Cannot redirect."
+                return _twilio_error(400, 21220, message)
+            call.redirect_via_rest(twiml, url)
+        else:
+            return _twilio_error(400, 20001, "Missing Status, Twiml or Url")
+        return web.json_response(self._resource(call, request.path))
+
+    def _resource(self, call: SimulatedCall, path: str) -> JsonObject:
+        ended = call.status in TERMINAL_STATUSES
+        duration = call.duration_secs if ended else None
+        started_utc = call.created_at_utc if call.answered_at is not None else None
+        return {
+            "sid": call.sid,
+            "account_sid": call.account.sid,
+            "parent_call_sid": None,
+            "status": call.status,
+            "to": call.to,
+            "from": call.from_,
+            "direction": "inbound",
+            "api_version": API_VERSION,
+            "date_created": _rfc2822(call.created_at_utc),
+            "date_updated": _rfc2822(call.ended_at_utc or call.created_at_utc),
+            "start_time": _rfc2822(started_utc),
+            "end_time": _rfc2822(call.ended_at_utc),
+            "duration": None if duration is None else str(duration),
+            "price": None,
+            "price_unit": "USD",
+            "answered_by": None,
+            "uri": path,
+        }

@@ -1,0 +1,167 @@
+"""A running Callgate with its protocol peers, for end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from router import stream
+from router.app import create_app
+from router.settings import Settings, load
+from tests.peers.twilio import (
+    FakeTwilioRest,
+    TwilioAccount,
+    TwilioSimulator,
+    new_account,
+)
+from tests.peers.vapi import FakeVapi
+
+OPERATOR_KEY = "operator-" + "o" * 32
+SECRET_KEY = "secret-" + "s" * 32
+
+
+@dataclass
+class Tenant:
+    """A workspace created through the API, with its agent and number."""
+
+    workspace_id: str
+    agent_id: str
+    number: str
+    vapi_key: str
+    assistant_id: str
+
+
+@dataclass
+class Harness:
+    """Callgate on a loopback port, the Twilio and Vapi peers, and an API client."""
+
+    app: web.Application
+    settings: Settings
+    base_url: str
+    http: aiohttp.ClientSession
+    account: TwilioAccount
+    twilio: TwilioSimulator
+    twilio_rest: FakeTwilioRest
+    vapi: FakeVapi
+    registry: CollectorRegistry
+
+    async def api(
+        self, method: str, path: str, body: Any = None, key: str = OPERATOR_KEY
+    ) -> tuple[int, Any]:
+        """Call the operator API; returns the status and the decoded JSON."""
+        async with self.http.request(
+            method,
+            f"{self.base_url}/api/v1{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def tenant(self, name: str, number: str) -> Tenant:
+        """Create a workspace with a Vapi agent of its own and attach ``number``."""
+        status, workspace = await self.api("POST", "/workspaces", {"name": name})
+        assert status == 201, workspace
+        vapi_key = f"vapi-key-{name}-" + workspace["id"][-6:]
+        assistant_id = f"assistant-{name}"
+        self.vapi.add_key(vapi_key)
+        status, agent = await self.api(
+            "POST",
+            f"/workspaces/{workspace['id']}/agents",
+            {
+                "name": f"{name} receptionist",
+                "provider": "vapi",
+                "assistant_id": assistant_id,
+                "api_key": vapi_key,
+            },
+        )
+        assert status == 201, agent
+        status, attached = await self.api(
+            "POST",
+            f"/workspaces/{workspace['id']}/numbers",
+            {"number": number, "agent_id": agent["id"]},
+        )
+        assert status == 201, attached
+        return Tenant(workspace["id"], agent["id"], number, vapi_key, assistant_id)
+
+    async def calls_settled(self, timeout_secs: float = 10.0) -> None:
+        """Wait until every call this server is carrying has ended and settled."""
+        tasks = self.app[stream.LIVE_CALLS]
+        live = list(tasks)
+        if live:
+            await asyncio.wait_for(
+                asyncio.gather(*live, return_exceptions=True), timeout_secs
+            )
+
+    def metric(self, name: str, labels: dict[str, str]) -> float | None:
+        """A sample from this server's Prometheus registry."""
+        return self.registry.get_sample_value(name, labels)
+
+
+@asynccontextmanager
+async def running_callgate(
+    valkey_url: str, data_dir: Path, **env: str
+) -> AsyncIterator[Harness]:
+    """Start Callgate and its peers; stop them all afterwards."""
+    vapi = FakeVapi()
+    await vapi.start()
+    rest = FakeTwilioRest()
+    await rest.start()
+    account = new_account()
+    rest.add_account(account)
+
+    # Bind first so the public URL can name the port with no race for it.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    base_url = f"http://127.0.0.1:{port}"
+    settings = load(
+        {
+            "CALLGATE_REDIS_URL": valkey_url,
+            "CALLGATE_DATA_DIR": str(data_dir),
+            "CALLGATE_PORT": str(port),
+            "CALLGATE_PUBLIC_URL": base_url,
+            "CALLGATE_OPERATOR_KEY": OPERATOR_KEY,
+            "CALLGATE_SECRET_KEY": SECRET_KEY,
+            "CALLGATE_TWILIO_ACCOUNT_SID": account.sid,
+            "CALLGATE_TWILIO_AUTH_TOKEN": account.auth_token,
+            "CALLGATE_TWILIO_API_URL": rest.url,
+            "CALLGATE_VAPI_API_URL": vapi.api_url,
+            **env,
+        }
+    )
+    registry = CollectorRegistry()
+    app = create_app(settings, registry)
+    runner = web.AppRunner(app, shutdown_timeout=5.0)
+    await runner.setup()
+    await web.SockSite(runner, listener).start()
+    http = aiohttp.ClientSession()
+    twilio = TwilioSimulator(
+        http, account, f"{base_url}/twilio/voice", f"{base_url}/twilio/status"
+    )
+    try:
+        yield Harness(
+            app=app,
+            settings=settings,
+            base_url=base_url,
+            http=http,
+            account=account,
+            twilio=twilio,
+            twilio_rest=rest,
+            vapi=vapi,
+            registry=registry,
+        )
+    finally:
+        await twilio.close()
+        await http.close()
+        await runner.cleanup()
+        await rest.close()
+        await vapi.close()

@@ -1,0 +1,252 @@
+"""End to end: a Twilio call reaches a Vapi agent and lands in its workspace."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis
+
+from metering.ledger import month_of
+from tenancy.workspaces import now_ms
+from tests.peers.audio import split_frames, tone_mulaw
+from tests.peers.twilio import StreamRejected
+from tests.router.harness import Harness, running_callgate
+
+NUMBER_A = "+15005550001"
+NUMBER_B = "+15005550002"
+CALLER = "+14155551212"
+
+
+@pytest.fixture
+async def callgate(
+    store: redis.Redis, valkey_url: str, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    """Callgate with its peers, on an empty store."""
+    async with running_callgate(valkey_url, tmp_path) as harness:
+        yield harness
+
+
+async def _all_keys(store: redis.Redis) -> set[str]:
+    return {key async for key in store.scan_iter(count=1000)}
+
+
+async def test_call_reaches_its_workspaces_agent_and_is_metered(
+    callgate: Harness, store: redis.Redis
+) -> None:
+    """A 6 s call reaches A's agent with A's key, echoes intact, meters only to A."""
+    tenant_a = await callgate.tenant("alpha", NUMBER_A)
+    tenant_b = await callgate.tenant("bravo", NUMBER_B)
+
+    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    assert call.http_status == 200
+    assert call.first_verb == "Connect"
+    assert call.verbs_after_connect == []
+    assert call.stream_parameters["workspace"] == tenant_a.workspace_id
+    await call.open_stream()
+
+    vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
+    assert vapi_call.api_key == tenant_a.vapi_key
+    assert vapi_call.request_json["assistantId"] == tenant_a.assistant_id
+    assert vapi_call.audio_format == {
+        "format": "mulaw",
+        "container": "raw",
+        "sampleRate": 8000,
+    }
+    await vapi_call.wait_connected(timeout_secs=5)
+
+    tone = tone_mulaw(440, duration_ms=6000)
+    frames = split_frames(tone)
+    assert await call.send_audio(frames) == len(frames)
+    await call.wait_for_audio(len(tone), timeout_secs=5)
+    assert bytes(call.received_audio) == tone
+    assert bytes(vapi_call.received_audio) == tone
+    assert call.protocol_errors == []
+
+    await call.hang_up()
+    await vapi_call.wait_closed(timeout_secs=5)
+    await callgate.calls_settled()
+
+    period = month_of(now_ms())
+    status, usage_a = await callgate.api(
+        "GET", f"/workspaces/{tenant_a.workspace_id}/usage?period={period}"
+    )
+    assert status == 200
+    assert 5.0 <= usage_a["seconds"] <= 7.0
+    assert usage_a["calls"] == 1
+    assert usage_a["agents"][tenant_a.agent_id]["ms"] == usage_a["ms"]
+    assert usage_a["numbers"][NUMBER_A]["ms"] == usage_a["ms"]
+    status, usage_b = await callgate.api(
+        "GET", f"/workspaces/{tenant_b.workspace_id}/usage?period={period}"
+    )
+    assert (status, usage_b["seconds"], usage_b["calls"]) == (200, 0, 0)
+
+    assert await callgate.twilio.send_status_callback(call, duration_secs=7) == 204
+    status, record = await callgate.api(
+        "GET", f"/workspaces/{tenant_a.workspace_id}/calls/{call.sid}"
+    )
+    assert status == 200
+    assert record["twilio_call_duration_secs"] == 7
+    assert record["twilio_status"] == "completed"
+    assert record["end_reason"] == "caller_hung_up"
+    assert record["from_number"] == CALLER
+    assert record["provider_call_id"] == vapi_call.id
+    assert record["metered_ms"] == usage_a["ms"]
+    status, _ = await callgate.api(
+        "GET", f"/workspaces/{tenant_b.workspace_id}/calls/{call.sid}"
+    )
+    assert status == 404
+
+    labels = {"workspace": tenant_a.workspace_id}
+    assert callgate.metric("callgate_call_seconds_total", labels) == pytest.approx(
+        usage_a["seconds"]
+    )
+    assert callgate.metric("callgate_calls_active", labels) == 0
+    assert (
+        callgate.metric(
+            "callgate_call_seconds_total", {"workspace": tenant_b.workspace_id}
+        )
+        is None
+    )
+    keys = await _all_keys(store)
+    assert not any(call.sid in key and tenant_b.workspace_id in key for key in keys)
+
+
+async def test_agent_hanging_up_ends_the_twilio_call(callgate: Harness) -> None:
+    """When Vapi closes the call, Callgate closes the stream and Twilio hangs up."""
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    await call.open_stream()
+    vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
+    await vapi_call.wait_connected(timeout_secs=5)
+    await call.send_audio(split_frames(tone_mulaw(440, duration_ms=200)))
+
+    await callgate.vapi.hang_up(vapi_call.id)
+    await call.wait_closed(timeout_secs=5)
+    assert call.ended_by_server
+    await callgate.calls_settled()
+    status, record = await callgate.api(
+        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
+    )
+    assert (status, record["end_reason"]) == (200, "agent_hung_up")
+
+
+async def test_wrong_webhook_signature_is_refused_and_touches_nothing(
+    callgate: Harness, store: redis.Redis
+) -> None:
+    """A forged webhook gets 403 and writes no key."""
+    await callgate.tenant("alpha", NUMBER_A)
+    before = await _all_keys(store)
+    call = await callgate.twilio.place_call(
+        NUMBER_A, CALLER, signature="bm90IGEgc2lnbmF0dXJlIGF0IGFsbA=="
+    )
+    assert call.http_status == 403
+    assert call.stream_url is None
+    assert await _all_keys(store) == before
+    assert callgate.vapi.calls == {}
+    assert (
+        callgate.metric(
+            "callgate_webhooks_total", {"endpoint": "voice", "outcome": "bad_signature"}
+        )
+        == 1
+    )
+
+
+async def test_wrong_upgrade_signature_is_refused_and_keeps_the_token(
+    callgate: Harness,
+) -> None:
+    """A forged stream upgrade gets 403; the genuine one still works afterwards."""
+    await callgate.tenant("alpha", NUMBER_A)
+    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    with pytest.raises(StreamRejected) as rejected:
+        await call.open_stream(signature="Zm9yZ2VkLXNpZ25hdHVyZQ==")
+    assert rejected.value.status_code == 403
+    assert callgate.vapi.calls == {}
+
+    await call.open_stream()
+    vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
+    await vapi_call.wait_connected(timeout_secs=5)
+    await call.hang_up()
+    await callgate.calls_settled()
+
+
+async def test_stream_token_works_only_once(callgate: Harness) -> None:
+    """A replayed stream URL is refused even with a valid Twilio signature."""
+    await callgate.tenant("alpha", NUMBER_A)
+    first = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    await first.open_stream()
+    vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
+    await vapi_call.wait_connected(timeout_secs=5)
+
+    replay = await callgate.twilio.place_call(NUMBER_A, CALLER, call_sid=first.sid)
+    with pytest.raises(StreamRejected) as rejected:
+        await replay.open_stream(url=first.stream_url)
+    assert rejected.value.status_code == 403
+    assert (
+        callgate.metric("callgate_stream_upgrades_total", {"outcome": "token_reused"})
+        == 1
+    )
+    await first.hang_up()
+    await callgate.calls_settled()
+
+
+async def test_expired_stream_token_is_refused(
+    store: redis.Redis, valkey_url: str, tmp_path: Path
+) -> None:
+    """A stream URL used after its token's lifetime is refused."""
+    async with running_callgate(
+        valkey_url, tmp_path, CALLGATE_STREAM_TOKEN_TTL_SECS="1"
+    ) as callgate:
+        await callgate.tenant("alpha", NUMBER_A)
+        call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+        # Real time has to pass for a real token to lapse.
+        await asyncio.sleep(2.1)
+        with pytest.raises(StreamRejected) as rejected:
+            await call.open_stream()
+        assert rejected.value.status_code == 403
+        assert (
+            callgate.metric("callgate_stream_upgrades_total", {"outcome": "bad_token"})
+            == 1
+        )
+        assert callgate.vapi.calls == {}
+
+
+async def test_unknown_number_is_rejected_unanswered(callgate: Harness) -> None:
+    """A call to a number no workspace owns gets <Reject/> as its first verb."""
+    await callgate.tenant("alpha", NUMBER_A)
+    call = await callgate.twilio.place_call("+15005550999", CALLER)
+    assert call.http_status == 200
+    assert call.first_verb == "Reject"
+    assert (
+        callgate.metric(
+            "callgate_webhooks_total",
+            {"endpoint": "voice", "outcome": "unknown_number"},
+        )
+        == 1
+    )
+
+
+async def test_malformed_twilio_frame_closes_the_stream_with_a_code(
+    callgate: Harness,
+) -> None:
+    """A malformed frame is counted and answered with close code 1007."""
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    await call.open_stream()
+    vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
+    await vapi_call.wait_connected(timeout_secs=5)
+
+    await call.send_raw('{"event":"media","sequenceNumber":"2","media":{}}')
+    await call.wait_closed(timeout_secs=5)
+    assert call.close_code == 1007
+    await vapi_call.wait_closed(timeout_secs=5)
+    await callgate.calls_settled()
+    assert callgate.metric("callgate_frames_malformed_total", {"source": "twilio"}) == 1
+    status, record = await callgate.api(
+        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
+    )
+    assert (status, record["end_reason"]) == (200, "protocol_error")
+    status, _ = await callgate.api("GET", "/workspaces")
+    assert status == 200
