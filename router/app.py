@@ -101,6 +101,19 @@ async def _end_live_calls(app: web.Application) -> None:
         await asyncio.gather(*calls, return_exceptions=True)
 
 
+async def shut_down(runner: web.AppRunner) -> None:
+    """Stop taking requests, end live calls, then tear everything down.
+
+    Calls are ended before aiohttp closes its connections: once it has, a
+    stream's closing handshake can no longer complete and each hang-up would
+    wait out its close timeout.
+    """
+    for site in list(runner.sites):
+        await site.stop()
+    await _end_live_calls(runner.app)
+    await runner.cleanup()
+
+
 async def healthz(request: web.Request) -> web.Response:
     """``GET /healthz``: the process is up and serving."""
     return web.json_response({"status": "ok"})
@@ -143,6 +156,7 @@ def create_app(
 
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_services)
+    # A backstop for runners stopped without shut_down().
     app.on_shutdown.append(_end_live_calls)
 
     app.router.add_get("/healthz", healthz)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import uvloop
 from aiohttp import web
 
-from router.app import create_app
+from router.app import create_app, shut_down
 from router.settings import Settings, load
 from tenancy import logs
 from tenancy.errors import ConfigError, StoreError
@@ -37,7 +37,7 @@ async def serve(settings: Settings) -> None:
         )
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await shut_down(runner)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,9 @@ STREAM_WORKSPACES = web.AppKey("stream_workspaces", Workspaces)
 LIVE_CALLS: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("live_calls")
 
 HANDSHAKE_TIMEOUT_SECS = 10.0
+# How long a hang-up waits for Twilio to answer our close frame; it bounds
+# the hang-up latency when the far side has gone quiet.
+CLOSE_TIMEOUT_SECS = 2.0
 _MAX_FRAME_BYTES = 64 * 1024
 
 
@@ -61,7 +64,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     except SignatureError as exc:
         return _refuse(request, "bad_signature", str(exc))
 
-    socket = web.WebSocketResponse(max_msg_size=_MAX_FRAME_BYTES, autoping=True)
+    socket = web.WebSocketResponse(
+        max_msg_size=_MAX_FRAME_BYTES, autoping=True, timeout=CLOSE_TIMEOUT_SECS
+    )
     if not socket.can_prepare(request).ok:
         return problem(400, "not-websocket", "Bad Request", "expected an upgrade")
     try:
@@ -131,13 +136,19 @@ async def _run_call(
         )
         return
 
-    session = await app[METER].begin(
-        workspace_id,
-        claims.call_sid,
-        agent_id=claims.agent_id,
-        number=claims.number,
-        stream_sid=start.stream_sid,
-    )
+    try:
+        session = await app[METER].begin(
+            workspace_id,
+            claims.call_sid,
+            agent_id=claims.agent_id,
+            number=claims.number,
+            stream_sid=start.stream_sid,
+        )
+    except (StoreError, redis.RedisError, LookupError):
+        # Without a meter the call cannot be billed, so it is not carried.
+        log.error("cannot start metering; ending the call", exc_info=True)
+        await socket.close(code=frames.CLOSE_NORMAL)
+        return
     reason = EndReason.UPSTREAM_FAILED
     try:
         reason = await _bridge(app, socket, state, session, log)

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from router import stream
-from router.app import create_app
+from router.app import create_app, shut_down
 from router.settings import Settings, load
 from tests.peers.twilio import (
     FakeTwilioRest,
@@ -53,6 +53,7 @@ class Harness:
     twilio_rest: FakeTwilioRest
     vapi: FakeVapi
     registry: CollectorRegistry
+    runner: web.AppRunner
 
     async def api(
         self, method: str, path: str, body: Any = None, key: str = OPERATOR_KEY
@@ -100,6 +101,10 @@ class Harness:
             await asyncio.wait_for(
                 asyncio.gather(*live, return_exceptions=True), timeout_secs
             )
+
+    async def shut_down(self) -> None:
+        """Stop the server the way SIGTERM does: live calls end, then the store."""
+        await shut_down(self.runner)
 
     def metric(self, name: str, labels: dict[str, str]) -> float | None:
         """A sample from this server's Prometheus registry."""
@@ -158,10 +163,11 @@ async def running_callgate(
             twilio_rest=rest,
             vapi=vapi,
             registry=registry,
+            runner=runner,
         )
     finally:
         await twilio.close()
         await http.close()
-        await runner.cleanup()
+        await shut_down(runner)
         await rest.close()
         await vapi.close()

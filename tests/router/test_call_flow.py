@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as redis
 
-from metering.ledger import month_of
+from metering.ledger import Ledger, month_of
+from tenancy import keyspace
 from tenancy.workspaces import now_ms
 from tests.peers.audio import split_frames, tone_mulaw
 from tests.peers.twilio import StreamRejected
@@ -250,3 +251,66 @@ async def test_malformed_twilio_frame_closes_the_stream_with_a_code(
     assert (status, record["end_reason"]) == (200, "protocol_error")
     status, _ = await callgate.api("GET", "/workspaces")
     assert status == 200
+
+
+async def test_agent_platform_refusing_ends_the_call_and_is_counted(
+    callgate: Harness,
+) -> None:
+    """When Vapi answers 500, the stream closes and the reason is recorded."""
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    callgate.vapi.create_status_override = 500
+    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    await call.open_stream()
+    await call.wait_closed(timeout_secs=10)
+    await callgate.calls_settled()
+    assert (
+        callgate.metric(
+            "callgate_upstream_errors_total", {"provider": "vapi", "kind": "connect"}
+        )
+        == 1
+    )
+    status, record = await callgate.api(
+        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
+    )
+    assert (status, record["end_reason"]) == (200, "upstream_failed")
+    assert record["status"] == "completed"
+
+
+async def test_shutdown_ends_live_calls_and_settles_them(
+    callgate: Harness, store: redis.Redis
+) -> None:
+    """Stopping the server hangs up live calls and settles their time first."""
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    await call.open_stream()
+    vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
+    await vapi_call.wait_connected(timeout_secs=5)
+    tone = tone_mulaw(440, duration_ms=1000)
+    await call.send_audio(split_frames(tone))
+    await call.wait_for_audio(len(tone), timeout_secs=5)
+
+    shutdown_started = asyncio.get_running_loop().time()
+    await callgate.shut_down()
+    assert asyncio.get_running_loop().time() - shutdown_started < 1.0
+    await vapi_call.wait_closed(timeout_secs=5)
+    await call.wait_closed(timeout_secs=5)
+    record = await Ledger(store).get_call(tenant.workspace_id, call.sid)
+    assert record.end_reason == "shutdown"
+    assert record.status == "completed"
+    # 50 frames paced 20 ms apart span 980 ms; the shutdown adds little.
+    assert 900 <= record.metered_ms <= 2000
+
+
+async def test_status_callback_with_a_wrong_signature_is_refused(
+    callgate: Harness, store: redis.Redis
+) -> None:
+    """A forged status callback gets 403 and the record stays unchanged."""
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    before = await store.hgetall(keyspace.call(tenant.workspace_id, call.sid))
+    status = await callgate.twilio.send_status_callback(
+        call, duration_secs=99, signature="Zm9yZ2Vk"
+    )
+    assert status == 403
+    after = await store.hgetall(keyspace.call(tenant.workspace_id, call.sid))
+    assert after == before
