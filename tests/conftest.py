@@ -5,11 +5,13 @@ from __future__ import annotations
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
 
 from router.store import connect, valkey_binary
+from tests.harness import Harness, running_callgate
 
 _READY = b"Ready to accept connections"
 
@@ -68,3 +70,12 @@ async def store(valkey_url: str) -> AsyncIterator[redis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def callgate(
+    store: redis.Redis, valkey_url: str, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    """Callgate with its protocol peers, on an empty store."""
+    async with running_callgate(valkey_url, tmp_path) as harness:
+        yield harness

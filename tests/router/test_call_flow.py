@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,22 +11,13 @@ import redis.asyncio as redis
 from metering.ledger import Ledger, month_of
 from tenancy import keyspace
 from tenancy.workspaces import now_ms
+from tests.harness import Harness, running_callgate
 from tests.peers.audio import split_frames, tone_mulaw
 from tests.peers.twilio import StreamRejected
-from tests.router.harness import Harness, running_callgate
 
 NUMBER_A = "+15005550001"
 NUMBER_B = "+15005550002"
 CALLER = "+14155551212"
-
-
-@pytest.fixture
-async def callgate(
-    store: redis.Redis, valkey_url: str, tmp_path: Path
-) -> AsyncIterator[Harness]:
-    """Callgate with its peers, on an empty store."""
-    async with running_callgate(valkey_url, tmp_path) as harness:
-        yield harness
 
 
 async def _all_keys(store: redis.Redis) -> set[str]:
@@ -118,10 +108,7 @@ async def test_call_reaches_its_workspaces_agent_and_is_metered(
 async def test_agent_hanging_up_ends_the_twilio_call(callgate: Harness) -> None:
     """When Vapi closes the call, Callgate closes the stream and Twilio hangs up."""
     tenant = await callgate.tenant("alpha", NUMBER_A)
-    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
-    await call.open_stream()
-    vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
-    await vapi_call.wait_connected(timeout_secs=5)
+    call, vapi_call = await callgate.connected_call(NUMBER_A, CALLER)
     await call.send_audio(split_frames(tone_mulaw(440, duration_ms=200)))
 
     await callgate.vapi.hang_up(vapi_call.id)
@@ -234,10 +221,7 @@ async def test_malformed_twilio_frame_closes_the_stream_with_a_code(
 ) -> None:
     """A malformed frame is counted and answered with close code 1007."""
     tenant = await callgate.tenant("alpha", NUMBER_A)
-    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
-    await call.open_stream()
-    vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
-    await vapi_call.wait_connected(timeout_secs=5)
+    call, vapi_call = await callgate.connected_call(NUMBER_A, CALLER)
 
     await call.send_raw('{"event":"media","sequenceNumber":"2","media":{}}')
     await call.wait_closed(timeout_secs=5)
@@ -281,10 +265,7 @@ async def test_shutdown_ends_live_calls_and_settles_them(
 ) -> None:
     """Stopping the server hangs up live calls and settles their time first."""
     tenant = await callgate.tenant("alpha", NUMBER_A)
-    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
-    await call.open_stream()
-    vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
-    await vapi_call.wait_connected(timeout_secs=5)
+    call, vapi_call = await callgate.connected_call(NUMBER_A, CALLER)
     tone = tone_mulaw(440, duration_ms=1000)
     await call.send_audio(split_frames(tone))
     await call.wait_for_audio(len(tone), timeout_secs=5)

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 import redis.asyncio as redis
 
 from tenancy import keyspace
 from tenancy.replies import text_map
-from tests.router.harness import Harness, running_callgate
+from tests.harness import Harness
 
 PROBLEM = "urn:callgate:problem:"
-
-
-@pytest.fixture
-async def callgate(
-    store: redis.Redis, valkey_url: str, tmp_path: Path
-) -> AsyncIterator[Harness]:
-    """Callgate with its peers, on an empty store."""
-    async with running_callgate(valkey_url, tmp_path) as harness:
-        yield harness
 
 
 @pytest.mark.parametrize("key", ["", "wrong-key-" + "x" * 30])

@@ -19,11 +19,12 @@ from router.app import create_app, shut_down
 from router.settings import Settings, load
 from tests.peers.twilio import (
     FakeTwilioRest,
+    SimulatedCall,
     TwilioAccount,
     TwilioSimulator,
     new_account,
 )
-from tests.peers.vapi import FakeVapi
+from tests.peers.vapi import FakeVapi, FakeVapiCall
 
 OPERATOR_KEY = "operator-" + "o" * 32
 SECRET_KEY = "secret-" + "s" * 32
@@ -92,6 +93,16 @@ class Harness:
         )
         assert status == 201, attached
         return Tenant(workspace["id"], agent["id"], number, vapi_key, assistant_id)
+
+    async def connected_call(
+        self, to: str, from_: str, timeout_secs: float = 5.0
+    ) -> tuple[SimulatedCall, FakeVapiCall]:
+        """Place a call to ``to`` and return once its Vapi transport is open."""
+        call = await self.twilio.place_call(to, from_)
+        await call.open_stream()
+        vapi_call = await self.vapi.wait_for_call(timeout_secs)
+        await vapi_call.wait_connected(timeout_secs)
+        return call, vapi_call
 
     async def calls_settled(self, timeout_secs: float = 10.0) -> None:
         """Wait until every call this server is carrying has ended and settled."""
