@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 from media import frames
 from media.upstream import AgentAudio, UpstreamCall
 from metering.metrics import Metrics
+from tenancy.errors import UpstreamError
 from tenancy.logs import CallLog
 
 
@@ -69,7 +70,7 @@ class Bridge:
         reason = first.result()
         await self._finish(caller, agent)
 
-        if reason is EndReason.AGENT_HUNG_UP:
+        if reason in (EndReason.AGENT_HUNG_UP, EndReason.UPSTREAM_FAILED):
             # Nothing follows <Connect> in our TwiML, so Twilio ends the call
             # once we close the stream (protocols.md 2.6).
             await self._twilio.close(code=frames.CLOSE_NORMAL)
@@ -93,7 +94,11 @@ class Bridge:
                 except frames.StreamFrameError as exc:
                     return await self._reject(str(exc), exc.close_code)
                 if isinstance(event, frames.Media):
-                    await self._upstream.send_audio(event.payload)
+                    try:
+                        await self._upstream.send_audio(event.payload)
+                    except UpstreamError as exc:
+                        self._log.warning("agent platform dropped: %s", exc)
+                        return EndReason.UPSTREAM_FAILED
                     self._inbound.inc()
                 elif isinstance(event, frames.Stop):
                     return EndReason.CALLER_HUNG_UP
@@ -110,14 +115,22 @@ class Bridge:
 
     async def _from_agent(self) -> EndReason:
         """Agent to Twilio stream: audio as ``media`` messages, in order."""
-        async for event in self._upstream.events():
-            if isinstance(event, AgentAudio):
+        try:
+            async for event in self._upstream.events():
+                if not isinstance(event, AgentAudio):
+                    continue
                 if self._twilio.closed:
-                    break
-                await self._twilio.send_str(
-                    frames.media_frame(self._stream_sid, event.payload)
-                )
+                    return EndReason.STREAM_LOST
+                try:
+                    await self._twilio.send_str(
+                        frames.media_frame(self._stream_sid, event.payload)
+                    )
+                except ConnectionError:
+                    return EndReason.STREAM_LOST
                 self._outbound.inc()
+        except UpstreamError as exc:
+            self._log.warning("agent platform dropped: %s", exc)
+            return EndReason.UPSTREAM_FAILED
         return EndReason.AGENT_HUNG_UP
 
     async def _reject(self, problem: str, close_code: int) -> EndReason:

@@ -35,15 +35,24 @@ class VapiCall:
     def __init__(self, call_id: str, socket: aiohttp.ClientWebSocketResponse) -> None:
         self.call_id = call_id
         self._socket = socket
+        self._hung_up = False
         self.malformed_messages = 0
 
     async def send_audio(self, payload: bytes) -> None:
         """Forward caller audio; dropped silently once the socket has closed."""
-        if not self._socket.closed:
+        if self._socket.closed:
+            return
+        try:
             await self._socket.send_bytes(payload)
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise UpstreamError("vapi transport lost while sending") from exc
 
     async def events(self) -> AsyncIterator[UpstreamEvent]:
-        """Agent audio and JSON events until Vapi closes the socket."""
+        """Agent audio and JSON events until Vapi closes the socket.
+
+        A normal close (1000) is the agent hanging up; any other end of the
+        socket raises :class:`UpstreamError`.
+        """
         async for message in self._socket:
             if message.type is aiohttp.WSMsgType.BINARY:
                 yield AgentAudio(message.data)
@@ -52,17 +61,15 @@ class VapiCall:
                 if event is not None:
                     yield event
             elif message.type is aiohttp.WSMsgType.ERROR:
-                media_logger.warning(
-                    "vapi transport error on call %s: %s",
-                    self.call_id,
-                    self._socket.exception(),
-                )
-                return
+                raise UpstreamError(f"vapi transport error: {self._socket.exception()}")
+        if self._socket.close_code not in (1000, None) and not self._hung_up:
+            raise UpstreamError(f"vapi transport closed with {self._socket.close_code}")
 
     async def hang_up(self) -> None:
         """Tell Vapi to end the call, then close the transport."""
         if self._socket.closed:
             return
+        self._hung_up = True
         # Vapi's docs show both "end-call" and "hangup"; "end-call" followed
         # by closing the socket is what its "Ending the call" section uses.
         try:

@@ -20,12 +20,13 @@ from metering.ledger import Ledger
 from metering.meter import Meter
 from metering.metrics import Metrics
 from router import stream, webhooks
+from router.access import AccessLogger
 from router.settings import Settings
 from router.signatures import TwilioSigner
 from router.store import EmbeddedValkey, connect
 from router.tokens import StreamTokens
 from tenancy import api
-from tenancy.logs import router_logger
+from tenancy.logs import access_logger, router_logger
 from tenancy.numbers import Numbers
 from tenancy.problems import problem
 from tenancy.vault import Vault
@@ -99,6 +100,16 @@ async def _end_live_calls(app: web.Application) -> None:
     if calls:
         router_logger.info("ending %d live calls for shutdown", len(calls))
         await asyncio.gather(*calls, return_exceptions=True)
+
+
+def runner(app: web.Application) -> web.AppRunner:
+    """The runner Callgate serves ``app`` with: redacted access log, 5 s grace."""
+    return web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=access_logger,
+        shutdown_timeout=5.0,
+    )
 
 
 async def shut_down(runner: web.AppRunner) -> None:

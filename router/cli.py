@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import uvloop
 from aiohttp import web
 
-from router.app import create_app, shut_down
+from router.app import create_app, runner, shut_down
 from router.settings import Settings, load
 from tenancy import logs
 from tenancy.errors import ConfigError, StoreError
@@ -24,10 +24,10 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
-    runner = web.AppRunner(create_app(settings), access_log=None)
-    await runner.setup()
+    app_runner = runner(create_app(settings))
+    await app_runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(app_runner, settings.host, settings.port)
         await site.start()
         print(
             f"callgate: serving on http://{settings.host}:{settings.port} "
@@ -37,7 +37,7 @@ async def serve(settings: Settings) -> None:
         )
         await stop.wait()
     finally:
-        await shut_down(runner)
+        await shut_down(app_runner)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

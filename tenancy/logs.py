@@ -19,6 +19,8 @@ tenancy_logger = logging.getLogger("callgate.tenancy")
 store_logger = logging.getLogger("callgate.store")
 # One line per finished call, in a stable key=value shape for log pipelines.
 call_logger = logging.getLogger("callgate.calls")
+# One line per HTTP request, stream tokens redacted (router.access).
+access_logger = logging.getLogger("callgate.access")
 
 
 class CallLog(logging.LoggerAdapter[logging.Logger]):

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from router import stream
-from router.app import create_app, shut_down
+from router.app import create_app, runner, shut_down
 from router.settings import Settings, load
 from tests.peers.twilio import (
     FakeTwilioRest,
@@ -156,9 +156,9 @@ async def running_callgate(
     )
     registry = CollectorRegistry()
     app = create_app(settings, registry)
-    runner = web.AppRunner(app, shutdown_timeout=5.0)
-    await runner.setup()
-    await web.SockSite(runner, listener).start()
+    app_runner = runner(app)
+    await app_runner.setup()
+    await web.SockSite(app_runner, listener).start()
     http = aiohttp.ClientSession()
     twilio = TwilioSimulator(
         http, account, f"{base_url}/twilio/voice", f"{base_url}/twilio/status"
@@ -174,11 +174,11 @@ async def running_callgate(
             twilio_rest=rest,
             vapi=vapi,
             registry=registry,
-            runner=runner,
+            runner=app_runner,
         )
     finally:
         await twilio.close()
         await http.close()
-        await shut_down(runner)
+        await shut_down(app_runner)
         await rest.close()
         await vapi.close()

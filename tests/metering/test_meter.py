@@ -108,3 +108,38 @@ async def test_flush_survives_a_store_outage_without_loss(tmp_path: Path) -> Non
     finally:
         await store.aclose()
         await server.stop()
+
+
+async def test_one_flush_writes_every_live_call_in_one_batch(
+    store: redis.Redis,
+) -> None:
+    """Live calls are reported together in one pipeline per flush."""
+    registry = CollectorRegistry()
+    clock = FakeClock()
+    ledger = Ledger(store)
+    meter = Meter(ledger, Metrics(registry), interval_ms=1000, clock=clock)
+    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
+    sids = [f"CA{index:032x}" for index in range(5)]
+    for sid in sids:
+        await ledger.open_call(
+            workspace,
+            sid,
+            agent_id=agent,
+            from_number="+12125550123",
+            to_number=NUMBER,
+            arrived_at_ms=now_ms(),
+        )
+        await meter.begin(
+            workspace, sid, agent_id=agent, number=NUMBER, stream_sid=STREAM
+        )
+    clock.advance_ms(1000)
+
+    await meter.flush()
+    await meter.flush()  # nothing new: no write at all
+    batches = registry.get_sample_value(
+        "callgate_meter_flushes_total", {"outcome": "ok"}
+    )
+    assert batches == 1
+    records = [await ledger.get_call(workspace, sid) for sid in sids]
+    assert [record.metered_ms for record in records] == [1000] * 5
+    assert (await ledger.usage(workspace, month_of(now_ms()))).ms == 5000

@@ -419,6 +419,18 @@ class SimulatedCall:
         await self._end_stream()
         self._complete()
 
+    async def drop(self) -> None:
+        """The network fails: reset the connection with no stop and no close frame."""
+        ws = self._ws
+        if ws is None or self._stream_closed.is_set():
+            raise PeerStateError("no open stream to drop")
+        self._closing_locally = True
+        ws.transport.abort()
+        await self._changes.wait_until(
+            self._stream_closed.is_set, "the stream to close", _CLOSE_TIMEOUT_SECS
+        )
+        self._complete()
+
     async def aclose(self) -> None:
         """Hang up if still streaming and wait for every task the call owns."""
         if self.stream_open:

@@ -232,6 +232,14 @@ class FakeVapi:
         await ws.close(1000)
         await call.wait_closed(timeout_secs)
 
+    async def drop(self, call_id: str, timeout_secs: float = 5.0) -> None:
+        """Vapi fails mid-call: reset the transport with no close frame."""
+        call = self._call(call_id)
+        ws = call._open_socket()
+        call.ended_by = "vapi"
+        ws.transport.abort()
+        await call.wait_closed(timeout_secs)
+
     async def send_json(self, call_id: str, message: JsonObject) -> None:
         """Send a JSON text event, e.g. {"type": "user-interrupted"}."""
         await self._call(call_id)._open_socket().send(json.dumps(message))

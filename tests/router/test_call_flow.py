@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import logging
 from pathlib import Path
 
 import pytest
@@ -295,3 +297,72 @@ async def test_status_callback_with_a_wrong_signature_is_refused(
     assert status == 403
     after = await store.hgetall(keyspace.call(tenant.workspace_id, call.sid))
     assert after == before
+
+
+async def test_twilio_connection_dropping_ends_the_call_as_lost(
+    callgate: Harness,
+) -> None:
+    """A stream reset with no stop hangs up the agent and is recorded as lost."""
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    call, vapi_call = await callgate.connected_call(NUMBER_A, CALLER)
+    await call.send_audio(split_frames(tone_mulaw(440, duration_ms=300)))
+    await call.drop()
+    await vapi_call.wait_closed(timeout_secs=5)
+    await callgate.calls_settled()
+    status, record = await callgate.api(
+        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
+    )
+    assert (status, record["end_reason"]) == (200, "stream_lost")
+    assert record["metered_ms"] >= 250
+
+
+async def test_agent_platform_dropping_mid_call_is_an_upstream_failure(
+    callgate: Harness,
+) -> None:
+    """A Vapi socket reset mid-call ends the stream with reason upstream_failed."""
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    call, vapi_call = await callgate.connected_call(NUMBER_A, CALLER)
+    await call.send_audio(split_frames(tone_mulaw(440, duration_ms=200)))
+    await callgate.vapi.drop(vapi_call.id)
+    await call.wait_closed(timeout_secs=5)
+    await callgate.calls_settled()
+    status, record = await callgate.api(
+        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
+    )
+    assert (status, record["end_reason"]) == (200, "upstream_failed")
+
+
+async def test_logs_carry_no_secret_token_or_audio(
+    callgate: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole call, with a refused forgery, logs no key, token or audio."""
+    caplog.set_level(logging.DEBUG)
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    call, _ = await callgate.connected_call(NUMBER_A, CALLER)
+    tone = tone_mulaw(440, duration_ms=400)
+    await call.send_audio(split_frames(tone))
+    await call.wait_for_audio(len(tone), timeout_secs=5)
+    await call.hang_up()
+    await callgate.calls_settled()
+    await callgate.twilio.place_call(NUMBER_A, CALLER, signature="Zm9yZ2Vk")
+
+    assert call.stream_url is not None
+    stream_token = call.stream_url.rsplit("/", 1)[1]
+    secrets = {
+        "operator key": callgate.settings.operator_key,
+        "secret key": callgate.settings.secret_key,
+        "twilio auth token": callgate.account.auth_token,
+        "vapi key": tenant.vapi_key,
+        "stream token": stream_token,
+        "audio": base64.b64encode(tone[:160]).decode(),
+    }
+    ours = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith(("callgate", "aiohttp"))
+    ]
+    assert any("call ended" in line for line in ours)
+    assert any("/twilio/stream/{token} 101" in line for line in ours)
+    for what, secret in secrets.items():
+        leaked = [line for line in ours if secret in line]
+        assert leaked == [], what

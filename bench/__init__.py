@@ -1,0 +1,1 @@
+"""Benchmarks: figures for speed targets, printed, never asserted in tests."""
