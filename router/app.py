@@ -48,7 +48,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         await embedded.start()
         app[EMBEDDED] = embedded
         url = embedded.url
-    store = connect(url)
+    store = connect(url, settings.store_timeout_secs)
     app[STORE] = store
     try:
         yield

@@ -44,6 +44,7 @@ class Settings:
     stream_token_ttl_secs: int
     flush_interval_ms: int
     upstream_timeout_secs: float
+    store_timeout_secs: float
     generated_key_files: tuple[Path, ...] = ()
 
     @property
@@ -118,6 +119,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         upstream_timeout_secs=_integer(
             env, "CALLGATE_UPSTREAM_TIMEOUT_MS", 5000, 100, 60000
         )
+        / 1000,
+        store_timeout_secs=_integer(env, "CALLGATE_STORE_TIMEOUT_MS", 1000, 50, 30000)
         / 1000,
         generated_key_files=tuple(generated),
     )

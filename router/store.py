@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import IO
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from tenancy.errors import StoreError
 from tenancy.logs import store_logger
@@ -44,12 +46,19 @@ def valkey_binary() -> Path:
     return path
 
 
-def connect(url: str) -> redis.Redis:
-    """A client for ``url``; every reply is decoded as UTF-8 text."""
+def connect(url: str, timeout_secs: float = 1.0) -> redis.Redis:
+    """A client for ``url``; every reply is decoded as UTF-8 text.
+
+    Each command waits at most ``timeout_secs`` and is retried once at once,
+    so a hung store costs a caller about twice that, not redis-py's default of
+    several retries with backoff (longer than Twilio waits for a webhook).
+    """
     return redis.Redis.from_url(
         url,
         decode_responses=True,
-        socket_connect_timeout=2,
+        socket_timeout=timeout_secs,
+        socket_connect_timeout=timeout_secs,
+        retry=Retry(NoBackoff(), retries=1),
         health_check_interval=30,
     )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from pathlib import Path
 
 import redis.asyncio as redis
@@ -143,3 +146,43 @@ async def test_one_flush_writes_every_live_call_in_one_batch(
     records = [await ledger.get_call(workspace, sid) for sid in sids]
     assert [record.metered_ms for record in records] == [1000] * 5
     assert (await ledger.usage(workspace, month_of(now_ms()))).ms == 5000
+
+
+async def test_flush_fails_fast_on_a_hung_store_and_recovers(tmp_path: Path) -> None:
+    """A frozen store fails the flush within the timeout; the retry later lands."""
+    server = EmbeddedValkey(tmp_path)
+    await server.start()
+    store = connect(server.url, timeout_secs=0.2)
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    ledger = Ledger(store)
+    meter = Meter(ledger, Metrics(registry), interval_ms=1000, clock=clock)
+    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
+    assert server.pid is not None
+    try:
+        await _open(ledger, workspace, agent)
+        session = await meter.begin(
+            workspace, CALL, agent_id=agent, number=NUMBER, stream_sid=STREAM
+        )
+        clock.advance_ms(3000)
+
+        os.kill(server.pid, signal.SIGSTOP)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await meter.end(session, "caller_hung_up")
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert loop.time() - started < 1.5
+        assert (
+            registry.get_sample_value(
+                "callgate_meter_flushes_total", {"outcome": "error"}
+            )
+            == 1
+        )
+
+        await meter.flush()
+        assert (await ledger.get_call(workspace, CALL)).metered_ms == 3000
+    finally:
+        await store.aclose()
+        await server.stop()

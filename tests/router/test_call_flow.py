@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
 
 from metering.ledger import Ledger, month_of
+from router.store import EmbeddedValkey
 from tenancy import keyspace
 from tenancy.workspaces import now_ms
 from tests.harness import Harness, running_callgate
@@ -366,3 +369,31 @@ async def test_logs_carry_no_secret_token_or_audio(
     for what, secret in secrets.items():
         leaked = [line for line in ours if secret in line]
         assert leaked == [], what
+
+
+async def test_hung_store_gets_a_polite_answer_quickly(tmp_path: Path) -> None:
+    """With the store frozen, a caller hears 'unavailable' within seconds."""
+    server = EmbeddedValkey(tmp_path / "store")
+    await server.start()
+    assert server.pid is not None
+    try:
+        async with running_callgate(
+            server.url, tmp_path / "data", CALLGATE_STORE_TIMEOUT_MS="300"
+        ) as callgate:
+            await callgate.tenant("alpha", NUMBER_A)
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+                assert loop.time() - started < 3.0
+                async with callgate.http.get(f"{callgate.base_url}/readyz") as ready:
+                    assert ready.status == 503
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert call.http_status == 200
+            assert call.first_verb == "Say"
+            assert call.twiml_text is not None
+            assert "<Hangup" in call.twiml_text
+    finally:
+        await server.stop()
