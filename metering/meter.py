@@ -143,10 +143,13 @@ class Meter:
     async def _write(self, batch: list[CallSession]) -> None:
         now_ns = self._clock()
         at_ms = now_ms()
-        queued: list[tuple[CallSession, int]] = []
+        queued: list[tuple[CallSession, int, bool]] = []
         async with self._ledger.pipeline() as pipe:
             for session in batch:
                 total = session.metered_ms(now_ns)
+                # Snapshot whether this report carries the end: the call may
+                # end while the write is in flight, and only a write that
+                # carried the end may retire the session.
                 finished = session.end_reason is not None
                 if total <= session.reported_ms and not finished:
                     continue
@@ -160,7 +163,7 @@ class Meter:
                     at_ms=at_ms,
                     end_reason=session.end_reason,
                 )
-                queued.append((session, total))
+                queued.append((session, total, finished))
             if not queued:
                 return
             try:
@@ -174,10 +177,12 @@ class Meter:
                 )
                 return
         self._metrics.meter_flushes.labels("ok").inc()
-        for (session, total), result in zip(queued, results, strict=True):
-            self._apply(session, total, result)
+        for (session, total, finished), result in zip(queued, results, strict=True):
+            self._apply(session, total, finished, result)
 
-    def _apply(self, session: CallSession, total: int, result: object) -> None:
+    def _apply(
+        self, session: CallSession, total: int, finished: bool, result: object
+    ) -> None:
         if isinstance(result, Exception):
             metering_logger.warning(
                 "meter report for call %s failed: %s", session.call_sid, result
@@ -186,5 +191,5 @@ class Meter:
         if isinstance(result, int) and result > 0:
             self._metrics.call_seconds.labels(session.workspace_id).inc(result / 1000)
         session.reported_ms = max(session.reported_ms, total)
-        if session.end_reason is not None:
+        if finished:
             self._sessions.pop(session.call_sid, None)

@@ -186,3 +186,52 @@ async def test_flush_fails_fast_on_a_hung_store_and_recovers(tmp_path: Path) -> 
     finally:
         await store.aclose()
         await server.stop()
+
+
+class WatchedClock(FakeClock):
+    """A fake clock that reports when a flush reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = asyncio.Event()
+
+    def __call__(self) -> int:
+        self.read.set()
+        return super().__call__()
+
+
+async def test_call_ending_during_a_flush_is_still_settled(tmp_path: Path) -> None:
+    """A call that ends while a periodic flush is in flight still gets its end."""
+    server = EmbeddedValkey(tmp_path)
+    await server.start()
+    store = connect(server.url, timeout_secs=5.0)
+    clock = WatchedClock()
+    ledger = Ledger(store)
+    meter = Meter(ledger, Metrics(CollectorRegistry()), interval_ms=1000, clock=clock)
+    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
+    assert server.pid is not None
+    try:
+        await _open(ledger, workspace, agent)
+        session = await meter.begin(
+            workspace, CALL, agent_id=agent, number=NUMBER, stream_sid=STREAM
+        )
+        clock.advance_ms(2000)
+
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            clock.read.clear()
+            periodic = asyncio.create_task(meter.flush())
+            await clock.read.wait()  # the flush has taken its snapshot
+            clock.advance_ms(500)
+            ending = asyncio.create_task(meter.end(session, "caller_hung_up"))
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        await asyncio.gather(periodic, ending)
+
+        record = await ledger.get_call(workspace, CALL)
+        assert record.end_reason == "caller_hung_up"
+        assert record.metered_ms == 2500
+        assert meter.active == 0
+    finally:
+        await store.aclose()
+        await server.stop()
