@@ -30,6 +30,9 @@ class EndReason(StrEnum):
     SHUTDOWN = "shutdown"
 
 
+_AGENT_SIDE_ENDINGS = (EndReason.AGENT_HUNG_UP, EndReason.UPSTREAM_FAILED)
+
+
 class Bridge:
     """Owns the two pump tasks of one call for as long as it runs."""
 
@@ -52,33 +55,36 @@ class Bridge:
         self._outbound = metrics.frames_relayed.labels("agent_to_caller")
 
     async def run(self) -> EndReason:
-        """Relay audio until one side ends; return why the call ended."""
+        """Relay audio until one side ends; return why the call ended.
+
+        Whatever happens, including cancellation at shutdown, both pumps are
+        finished and both sides hung up before this returns.
+        """
         caller = asyncio.create_task(self._from_caller(), name="caller-to-agent")
         agent = asyncio.create_task(self._from_agent(), name="agent-to-caller")
+        reason: EndReason | None = None
         try:
             done, _ = await asyncio.wait(
                 {caller, agent}, return_when=asyncio.FIRST_COMPLETED
             )
-        except asyncio.CancelledError:
+            # If both finished in the same loop turn, the caller's account
+            # wins: the caller hanging up is what Twilio will report too.
+            reason = (caller if caller in done else agent).result()
+            return reason
+        finally:
             await self._finish(caller, agent)
-            await self._upstream.hang_up()
-            await self._twilio.close(code=frames.CLOSE_NORMAL)
-            raise
-        # If both finished in the same loop turn, the caller's account wins:
-        # the caller hanging up is what Twilio will report too.
-        first = caller if caller in done else agent
-        reason = first.result()
-        await self._finish(caller, agent)
+            await self._hang_up(agent_ended=reason in _AGENT_SIDE_ENDINGS)
 
-        if reason in (EndReason.AGENT_HUNG_UP, EndReason.UPSTREAM_FAILED):
+    async def _hang_up(self, agent_ended: bool) -> None:
+        """Hang up both sides, the one still waiting on the other first."""
+        if agent_ended:
             # Nothing follows <Connect> in our TwiML, so Twilio ends the call
             # once we close the stream (protocols.md 2.6).
             await self._twilio.close(code=frames.CLOSE_NORMAL)
+            await self._upstream.hang_up()
         else:
             await self._upstream.hang_up()
-            if not self._twilio.closed:
-                await self._twilio.close(code=frames.CLOSE_NORMAL)
-        return reason
+            await self._twilio.close(code=frames.CLOSE_NORMAL)
 
     async def _finish(self, *tasks: asyncio.Task[EndReason]) -> None:
         for task in tasks:

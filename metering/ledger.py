@@ -158,6 +158,22 @@ class Ledger:
             client=pipe,
         )
 
+    async def close_call(
+        self,
+        workspace_id: str,
+        call_sid: str,
+        *,
+        agent_id: str,
+        number: str,
+        at_ms: int,
+        end_reason: str,
+    ) -> None:
+        """Close the record of a call whose media never started (nothing metered)."""
+        await self._meter(
+            keys=self._usage_keys(workspace_id, call_sid, at_ms),
+            args=[0, agent_id, number, str(at_ms), end_reason],
+        )
+
     def pipeline(self) -> redis.client.Pipeline:
         """A non-transactional pipeline for batching :meth:`queue_meter` calls."""
         return self._store.pipeline(transaction=False)

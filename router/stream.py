@@ -29,7 +29,7 @@ from tenancy.errors import (
 )
 from tenancy.logs import CallLog, call_logger, media_logger
 from tenancy.problems import problem
-from tenancy.workspaces import Workspaces
+from tenancy.workspaces import Workspaces, now_ms
 
 METER = web.AppKey("meter", Meter)
 VAPI = web.AppKey("vapi", VapiClient)
@@ -108,6 +108,40 @@ async def _handshake(
     return state.start
 
 
+async def _checked_start(
+    app: web.Application,
+    socket: web.WebSocketResponse,
+    state: frames.StreamState,
+    claims: StreamClaims,
+    log: CallLog,
+) -> frames.Start | None:
+    """The stream's ``start``, if it arrives in time and names the token's call.
+
+    On any failure the stream is closed with a specific code and ``None`` is
+    returned.
+    """
+    metrics = app[METRICS]
+    try:
+        start = await _handshake(socket, state)
+    except frames.StreamFrameError as exc:
+        metrics.frames_malformed.labels("twilio").inc()
+        log.warning("stream handshake failed: %s", exc)
+        await socket.close(code=exc.close_code, message=str(exc)[:120].encode())
+        return None
+    except TimeoutError:
+        log.warning("no start message within %ss", HANDSHAKE_TIMEOUT_SECS)
+        await socket.close(code=frames.CLOSE_POLICY_VIOLATION, message=b"no start")
+        return None
+    if start.call_sid != claims.call_sid or start.account_sid != claims.account_sid:
+        metrics.frames_malformed.labels("twilio").inc()
+        log.warning("start message names another call")
+        await socket.close(
+            code=frames.CLOSE_POLICY_VIOLATION, message=b"stream is for another call"
+        )
+        return None
+    return start
+
+
 async def _run_call(
     app: web.Application,
     socket: web.WebSocketResponse,
@@ -115,25 +149,25 @@ async def _run_call(
     log: CallLog,
 ) -> None:
     workspace_id = claims.workspace_id
-    metrics = app[METRICS]
+    calls_log = CallLog(
+        call_logger, {"workspace": workspace_id, "call": claims.call_sid}
+    )
     state = frames.StreamState()
-    try:
-        start = await _handshake(socket, state)
-    except frames.StreamFrameError as exc:
-        metrics.frames_malformed.labels("twilio").inc()
-        log.warning("stream handshake failed: %s", exc)
-        await socket.close(code=exc.close_code, message=str(exc)[:120].encode())
-        return
-    except TimeoutError:
-        log.warning("no start message within %ss", HANDSHAKE_TIMEOUT_SECS)
-        await socket.close(code=frames.CLOSE_POLICY_VIOLATION, message=b"no start")
-        return
-    if start.call_sid != claims.call_sid or start.account_sid != claims.account_sid:
-        metrics.frames_malformed.labels("twilio").inc()
-        log.warning("start message names another call")
-        await socket.close(
-            code=frames.CLOSE_POLICY_VIOLATION, message=b"stream is for another call"
-        )
+    start = await _checked_start(app, socket, state, claims, log)
+    if start is None:
+        reason = EndReason.PROTOCOL_ERROR
+        try:
+            await app[ROUTER_LEDGER].close_call(
+                workspace_id,
+                claims.call_sid,
+                agent_id=claims.agent_id,
+                number=claims.number,
+                at_ms=now_ms(),
+                end_reason=reason.value,
+            )
+        except redis.RedisError:
+            log.warning("could not close the call record", exc_info=True)
+        calls_log.info("call ended reason=%s metered_ms=0", reason.value)
         return
 
     try:
@@ -157,7 +191,7 @@ async def _run_call(
         raise
     finally:
         await app[METER].end(session, reason.value)
-        CallLog(call_logger, {"workspace": workspace_id, "call": claims.call_sid}).info(
+        calls_log.info(
             "call ended reason=%s metered_ms=%d agent=%s",
             reason.value,
             app[METER].metered_ms(session),

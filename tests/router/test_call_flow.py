@@ -397,3 +397,25 @@ async def test_hung_store_gets_a_polite_answer_quickly(tmp_path: Path) -> None:
             assert "<Hangup" in call.twiml_text
     finally:
         await server.stop()
+
+
+async def test_stream_for_another_call_is_closed_and_recorded(
+    callgate: Harness,
+) -> None:
+    """A start naming a call other than the token's closes with 1008."""
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    other = await callgate.twilio.place_call(NUMBER_A, CALLER)
+    # The second call's simulator opens the first call's stream URL, signed
+    # correctly, and announces itself in start: the token names the first.
+    await other.open_stream(url=call.stream_url)
+    await other.wait_closed(timeout_secs=5)
+    assert other.close_code == 1008
+    await callgate.calls_settled()
+    assert callgate.vapi.calls == {}
+    status, record = await callgate.api(
+        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
+    )
+    assert status == 200
+    assert (record["status"], record["end_reason"]) == ("completed", "protocol_error")
+    assert record["metered_ms"] == 0
