@@ -104,6 +104,15 @@ class Harness:
         await vapi_call.wait_connected(timeout_secs)
         return call, vapi_call
 
+    async def call_record(self, workspace_id: str, call_sid: str) -> dict[str, Any]:
+        """A call record read through the operator API (it must exist)."""
+        status, record = await self.api(
+            "GET", f"/workspaces/{workspace_id}/calls/{call_sid}"
+        )
+        assert status == 200, record
+        result: dict[str, Any] = record
+        return result
+
     async def calls_settled(self, timeout_secs: float = 10.0) -> None:
         """Wait until every call this server is carrying has ended and settled."""
         tasks = self.app[stream.LIVE_CALLS]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 
 from metering.ledger import Ledger, month_of
-from metering.meter import Meter
+from metering.meter import CallSession, Meter
 from metering.metrics import Metrics
 from router.store import EmbeddedValkey, connect
 from tenancy import keyspace
@@ -27,211 +30,179 @@ class FakeClock:
 
     def __init__(self) -> None:
         self.now_ns = 1_000_000_000
+        self.read = asyncio.Event()
 
     def __call__(self) -> int:
+        self.read.set()
         return self.now_ns
 
     def advance_ms(self, ms: int) -> None:
         self.now_ns += ms * 1_000_000
 
 
-async def _open(ledger: Ledger, workspace: str, agent: str) -> None:
-    await ledger.open_call(
-        workspace,
-        CALL,
-        agent_id=agent,
-        from_number="+12125550123",
-        to_number=NUMBER,
-        arrived_at_ms=now_ms(),
-    )
+@dataclass
+class Rig:
+    """A meter on a store, with its clock, registry and one workspace."""
+
+    store: redis.Redis
+    clock: FakeClock = field(default_factory=FakeClock)
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    workspace: str = field(default_factory=lambda: keyspace.new_id("ws"))
+    agent: str = field(default_factory=lambda: keyspace.new_id("ag"))
+
+    def __post_init__(self) -> None:
+        self.ledger = Ledger(self.store)
+        self.meter = Meter(
+            self.ledger, Metrics(self.registry), interval_ms=1000, clock=self.clock
+        )
+
+    async def begin(self, call_sid: str = CALL) -> CallSession:
+        """Route a call (its record) and start metering it."""
+        await self.ledger.open_call(
+            self.workspace,
+            call_sid,
+            agent_id=self.agent,
+            from_number="+12125550123",
+            to_number=NUMBER,
+            arrived_at_ms=now_ms(),
+        )
+        return await self.meter.begin(
+            self.workspace,
+            call_sid,
+            agent_id=self.agent,
+            number=NUMBER,
+            stream_sid=STREAM,
+        )
+
+    def flushes(self, outcome: str) -> float | None:
+        """How many batched writes ended with ``outcome``."""
+        return self.registry.get_sample_value(
+            "callgate_meter_flushes_total", {"outcome": outcome}
+        )
+
+    async def month_ms(self) -> int:
+        """Metered milliseconds in the workspace's current month."""
+        return (await self.ledger.usage(self.workspace, month_of(now_ms()))).ms
+
+
+@asynccontextmanager
+async def private_store(
+    tmp_path: Path, timeout_secs: float
+) -> AsyncIterator[tuple[EmbeddedValkey, Rig]]:
+    """A Valkey of the test's own, which it may stop or freeze, and a rig on it."""
+    server = EmbeddedValkey(tmp_path)
+    await server.start()
+    store = connect(server.url, timeout_secs=timeout_secs)
+    try:
+        yield server, Rig(store)
+    finally:
+        await store.aclose()
+        await server.stop()
+
+
+@contextmanager
+def frozen(server: EmbeddedValkey) -> Iterator[None]:
+    """Suspend the server process (SIGSTOP) for the duration of the block."""
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
 
 
 async def test_end_settles_the_exact_duration(store: redis.Redis) -> None:
     """Ending a session writes its exact duration, its reason and the metric."""
-    registry = CollectorRegistry()
-    clock = FakeClock()
-    ledger = Ledger(store)
-    meter = Meter(ledger, Metrics(registry), interval_ms=1000, clock=clock)
-    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
-    await _open(ledger, workspace, agent)
+    rig = Rig(store)
+    session = await rig.begin()
+    rig.clock.advance_ms(1200)
+    await rig.meter.flush()
+    assert (await rig.ledger.get_call(rig.workspace, CALL)).metered_ms == 1200
+    rig.clock.advance_ms(1300)
+    assert rig.meter.active == 1
+    await rig.meter.end(session, "caller_hung_up")
+    assert rig.meter.active == 0
 
-    session = await meter.begin(
-        workspace, CALL, agent_id=agent, number=NUMBER, stream_sid=STREAM
-    )
-    clock.advance_ms(1200)
-    await meter.flush()
-    assert (await ledger.get_call(workspace, CALL)).metered_ms == 1200
-    clock.advance_ms(1300)
-    assert meter.active == 1
-    await meter.end(session, "caller_hung_up")
-    assert meter.active == 0
-
-    record = await ledger.get_call(workspace, CALL)
+    record = await rig.ledger.get_call(rig.workspace, CALL)
     assert record.metered_ms == 2500
     assert record.end_reason == "caller_hung_up"
-    assert (await ledger.usage(workspace, month_of(now_ms()))).ms == 2500
-    seconds = registry.get_sample_value(
-        "callgate_call_seconds_total", {"workspace": workspace}
+    assert await rig.month_ms() == 2500
+    seconds = rig.registry.get_sample_value(
+        "callgate_call_seconds_total", {"workspace": rig.workspace}
     )
     assert seconds == 2.5
-
-
-async def test_flush_survives_a_store_outage_without_loss(tmp_path: Path) -> None:
-    """A settlement that fails while the store is down lands once it is back."""
-    server = EmbeddedValkey(tmp_path)
-    await server.start()
-    store = connect(server.url)
-    clock = FakeClock()
-    registry = CollectorRegistry()
-    ledger = Ledger(store)
-    meter = Meter(ledger, Metrics(registry), interval_ms=1000, clock=clock)
-    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
-    try:
-        await _open(ledger, workspace, agent)
-        session = await meter.begin(
-            workspace, CALL, agent_id=agent, number=NUMBER, stream_sid=STREAM
-        )
-        clock.advance_ms(4000)
-
-        await server.stop()
-        await meter.end(session, "caller_hung_up")
-        failures = registry.get_sample_value(
-            "callgate_meter_flushes_total", {"outcome": "error"}
-        )
-        assert failures == 1
-
-        await server.start()
-        clock.advance_ms(9000)  # time after the hang-up must not count
-        await meter.flush()
-        record = await ledger.get_call(workspace, CALL)
-        assert record.metered_ms == 4000
-        assert record.end_reason == "caller_hung_up"
-        await meter.flush()
-        assert (await ledger.usage(workspace, month_of(now_ms()))).ms == 4000
-    finally:
-        await store.aclose()
-        await server.stop()
 
 
 async def test_one_flush_writes_every_live_call_in_one_batch(
     store: redis.Redis,
 ) -> None:
     """Live calls are reported together in one pipeline per flush."""
-    registry = CollectorRegistry()
-    clock = FakeClock()
-    ledger = Ledger(store)
-    meter = Meter(ledger, Metrics(registry), interval_ms=1000, clock=clock)
-    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
+    rig = Rig(store)
     sids = [f"CA{index:032x}" for index in range(5)]
     for sid in sids:
-        await ledger.open_call(
-            workspace,
-            sid,
-            agent_id=agent,
-            from_number="+12125550123",
-            to_number=NUMBER,
-            arrived_at_ms=now_ms(),
-        )
-        await meter.begin(
-            workspace, sid, agent_id=agent, number=NUMBER, stream_sid=STREAM
-        )
-    clock.advance_ms(1000)
+        await rig.begin(sid)
+    rig.clock.advance_ms(1000)
 
-    await meter.flush()
-    await meter.flush()  # nothing new: no write at all
-    batches = registry.get_sample_value(
-        "callgate_meter_flushes_total", {"outcome": "ok"}
-    )
-    assert batches == 1
-    records = [await ledger.get_call(workspace, sid) for sid in sids]
+    await rig.meter.flush()
+    await rig.meter.flush()  # nothing new: no write at all
+    assert rig.flushes("ok") == 1
+    records = [await rig.ledger.get_call(rig.workspace, sid) for sid in sids]
     assert [record.metered_ms for record in records] == [1000] * 5
-    assert (await ledger.usage(workspace, month_of(now_ms()))).ms == 5000
+    assert await rig.month_ms() == 5000
+
+
+async def test_flush_survives_a_store_outage_without_loss(tmp_path: Path) -> None:
+    """A settlement that fails while the store is down lands once it is back."""
+    async with private_store(tmp_path, timeout_secs=1.0) as (server, rig):
+        session = await rig.begin()
+        rig.clock.advance_ms(4000)
+
+        await server.stop()
+        await rig.meter.end(session, "caller_hung_up")
+        assert rig.flushes("error") == 1
+
+        await server.start()
+        rig.clock.advance_ms(9000)  # time after the hang-up must not count
+        await rig.meter.flush()
+        record = await rig.ledger.get_call(rig.workspace, CALL)
+        assert record.metered_ms == 4000
+        assert record.end_reason == "caller_hung_up"
+        await rig.meter.flush()
+        assert await rig.month_ms() == 4000
 
 
 async def test_flush_fails_fast_on_a_hung_store_and_recovers(tmp_path: Path) -> None:
     """A frozen store fails the flush within the timeout; the retry later lands."""
-    server = EmbeddedValkey(tmp_path)
-    await server.start()
-    store = connect(server.url, timeout_secs=0.2)
-    clock = FakeClock()
-    registry = CollectorRegistry()
-    ledger = Ledger(store)
-    meter = Meter(ledger, Metrics(registry), interval_ms=1000, clock=clock)
-    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
-    assert server.pid is not None
-    try:
-        await _open(ledger, workspace, agent)
-        session = await meter.begin(
-            workspace, CALL, agent_id=agent, number=NUMBER, stream_sid=STREAM
-        )
-        clock.advance_ms(3000)
+    async with private_store(tmp_path, timeout_secs=0.2) as (server, rig):
+        session = await rig.begin()
+        rig.clock.advance_ms(3000)
 
-        os.kill(server.pid, signal.SIGSTOP)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        try:
-            await meter.end(session, "caller_hung_up")
-        finally:
-            os.kill(server.pid, signal.SIGCONT)
+        with frozen(server):
+            await rig.meter.end(session, "caller_hung_up")
         assert loop.time() - started < 1.5
-        assert (
-            registry.get_sample_value(
-                "callgate_meter_flushes_total", {"outcome": "error"}
-            )
-            == 1
-        )
+        assert rig.flushes("error") == 1
 
-        await meter.flush()
-        assert (await ledger.get_call(workspace, CALL)).metered_ms == 3000
-    finally:
-        await store.aclose()
-        await server.stop()
-
-
-class WatchedClock(FakeClock):
-    """A fake clock that reports when a flush reads it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.read = asyncio.Event()
-
-    def __call__(self) -> int:
-        self.read.set()
-        return super().__call__()
+        await rig.meter.flush()
+        assert (await rig.ledger.get_call(rig.workspace, CALL)).metered_ms == 3000
 
 
 async def test_call_ending_during_a_flush_is_still_settled(tmp_path: Path) -> None:
     """A call that ends while a periodic flush is in flight still gets its end."""
-    server = EmbeddedValkey(tmp_path)
-    await server.start()
-    store = connect(server.url, timeout_secs=5.0)
-    clock = WatchedClock()
-    ledger = Ledger(store)
-    meter = Meter(ledger, Metrics(CollectorRegistry()), interval_ms=1000, clock=clock)
-    workspace, agent = keyspace.new_id("ws"), keyspace.new_id("ag")
-    assert server.pid is not None
-    try:
-        await _open(ledger, workspace, agent)
-        session = await meter.begin(
-            workspace, CALL, agent_id=agent, number=NUMBER, stream_sid=STREAM
-        )
-        clock.advance_ms(2000)
+    async with private_store(tmp_path, timeout_secs=5.0) as (server, rig):
+        session = await rig.begin()
+        rig.clock.advance_ms(2000)
 
-        os.kill(server.pid, signal.SIGSTOP)
-        try:
-            clock.read.clear()
-            periodic = asyncio.create_task(meter.flush())
-            await clock.read.wait()  # the flush has taken its snapshot
-            clock.advance_ms(500)
-            ending = asyncio.create_task(meter.end(session, "caller_hung_up"))
-        finally:
-            os.kill(server.pid, signal.SIGCONT)
+        with frozen(server):
+            rig.clock.read.clear()
+            periodic = asyncio.create_task(rig.meter.flush())
+            await rig.clock.read.wait()  # the flush has taken its snapshot
+            rig.clock.advance_ms(500)
+            ending = asyncio.create_task(rig.meter.end(session, "caller_hung_up"))
         await asyncio.gather(periodic, ending)
 
-        record = await ledger.get_call(workspace, CALL)
+        record = await rig.ledger.get_call(rig.workspace, CALL)
         assert record.end_reason == "caller_hung_up"
         assert record.metered_ms == 2500
-        assert meter.active == 0
-    finally:
-        await store.aclose()
-        await server.stop()
+        assert rig.meter.active == 0

@@ -120,10 +120,8 @@ async def test_agent_hanging_up_ends_the_twilio_call(callgate: Harness) -> None:
     await call.wait_closed(timeout_secs=5)
     assert call.ended_by_server
     await callgate.calls_settled()
-    status, record = await callgate.api(
-        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
-    )
-    assert (status, record["end_reason"]) == (200, "agent_hung_up")
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "agent_hung_up"
 
 
 async def test_wrong_webhook_signature_is_refused_and_touches_nothing(
@@ -234,10 +232,8 @@ async def test_malformed_twilio_frame_closes_the_stream_with_a_code(
     await vapi_call.wait_closed(timeout_secs=5)
     await callgate.calls_settled()
     assert callgate.metric("callgate_frames_malformed_total", {"source": "twilio"}) == 1
-    status, record = await callgate.api(
-        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
-    )
-    assert (status, record["end_reason"]) == (200, "protocol_error")
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "protocol_error"
     status, _ = await callgate.api("GET", "/workspaces")
     assert status == 200
 
@@ -258,10 +254,8 @@ async def test_agent_platform_refusing_ends_the_call_and_is_counted(
         )
         == 1
     )
-    status, record = await callgate.api(
-        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
-    )
-    assert (status, record["end_reason"]) == (200, "upstream_failed")
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "upstream_failed"
     assert record["status"] == "completed"
 
 
@@ -312,10 +306,8 @@ async def test_twilio_connection_dropping_ends_the_call_as_lost(
     await call.drop()
     await vapi_call.wait_closed(timeout_secs=5)
     await callgate.calls_settled()
-    status, record = await callgate.api(
-        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
-    )
-    assert (status, record["end_reason"]) == (200, "stream_lost")
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "stream_lost"
     assert record["metered_ms"] >= 250
 
 
@@ -329,10 +321,8 @@ async def test_agent_platform_dropping_mid_call_is_an_upstream_failure(
     await callgate.vapi.drop(vapi_call.id)
     await call.wait_closed(timeout_secs=5)
     await callgate.calls_settled()
-    status, record = await callgate.api(
-        "GET", f"/workspaces/{tenant.workspace_id}/calls/{call.sid}"
-    )
-    assert (status, record["end_reason"]) == (200, "upstream_failed")
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "upstream_failed"
 
 
 async def test_logs_carry_no_secret_token_or_audio(
