@@ -19,13 +19,25 @@ class AgentAudio:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentInterrupted:
+    """The platform heard the caller talk over the agent: stop playing now."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRequested:
+    """The agent asks for the call to be transferred to an E.164 ``number``."""
+
+    number: str
+
+
+@dataclass(frozen=True, slots=True)
 class AgentEvent:
-    """A JSON control message from the platform (speech updates, transcripts)."""
+    """Any other JSON message from the platform (speech updates, transcripts)."""
 
     message: dict[str, Any]
 
 
-UpstreamEvent = AgentAudio | AgentEvent
+UpstreamEvent = AgentAudio | AgentInterrupted | TransferRequested | AgentEvent
 
 
 class UpstreamCall(Protocol):
@@ -39,6 +51,9 @@ class UpstreamCall(Protocol):
 
     def events(self) -> AsyncIterator[UpstreamEvent]:
         """What the agent sends; the iterator ends when the agent hangs up."""
+
+    async def send_dtmf(self, digit: str) -> None:
+        """Tell the agent the caller pressed a keypad ``digit``."""
 
     async def hang_up(self) -> None:
         """End the call on the platform; safe to call more than once."""

@@ -16,8 +16,15 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from media.upstream import AgentAudio, AgentEvent, UpstreamEvent
+from media.upstream import (
+    AgentAudio,
+    AgentEvent,
+    AgentInterrupted,
+    TransferRequested,
+    UpstreamEvent,
+)
 from tenancy.errors import UpstreamError
+from tenancy.keyspace import E164
 from tenancy.logs import media_logger
 
 PROVIDER = "vapi"
@@ -65,6 +72,28 @@ class VapiCall:
         if self._socket.close_code not in (1000, None) and not self._hung_up:
             raise UpstreamError(f"vapi transport closed with {self._socket.close_code}")
 
+    async def send_dtmf(self, digit: str) -> None:
+        """Pass a keypad digit to the assistant as a user message.
+
+        Vapi's websocket transport has no DTMF message; of the messages a
+        client may send (add-message, control, say, end-call, transfer),
+        add-message is the one that reaches the model as caller input.
+        """
+        message = {
+            "type": "add-message",
+            "message": {"role": "user", "content": f"[keypad] {digit}"},
+            "triggerResponseEnabled": True,
+        }
+        await self._send_text(orjson.dumps(message).decode("utf-8"))
+
+    async def _send_text(self, text: str) -> None:
+        if self._socket.closed:
+            return
+        try:
+            await self._socket.send_str(text)
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise UpstreamError("vapi transport lost while sending") from exc
+
     async def hang_up(self) -> None:
         """Tell Vapi to end the call, then close the transport."""
         if self._socket.closed:
@@ -78,7 +107,7 @@ class VapiCall:
             media_logger.debug("vapi socket for %s went away first", self.call_id)
         await self._socket.close()
 
-    def _decode(self, data: str) -> AgentEvent | None:
+    def _decode(self, data: str) -> UpstreamEvent | None:
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -87,6 +116,13 @@ class VapiCall:
         if not isinstance(message, dict):
             self.malformed_messages += 1
             return None
+        kind = message.get("type")
+        if kind == "user-interrupted":
+            return AgentInterrupted()
+        if kind == "transfer-update":
+            number = _transfer_number(message)
+            if number is not None:
+                return TransferRequested(number)
         return AgentEvent(message)
 
 
@@ -150,6 +186,21 @@ class VapiClient:
         if not isinstance(created, dict):
             raise UpstreamError("vapi answered with a non-object", status)
         return created
+
+
+def _transfer_number(message: dict[str, Any]) -> str | None:
+    """The E.164 number of a ``transfer-update`` to a phone number, if any.
+
+    Transfers to another assistant stay inside Vapi; only a number needs the
+    telephony side, which over the websocket transport is Callgate's job.
+    """
+    destination = message.get("destination")
+    if not isinstance(destination, dict) or destination.get("type") != "number":
+        return None
+    number = destination.get("number")
+    if isinstance(number, str) and E164.fullmatch(number):
+        return number
+    return None
 
 
 def _transport(created: dict[str, Any]) -> tuple[str, str]:

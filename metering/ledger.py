@@ -16,7 +16,7 @@ from redis.commands.core import AsyncScript
 
 from tenancy import keyspace
 from tenancy.errors import NotFoundError
-from tenancy.replies import text_map, texts
+from tenancy.replies import HashFields, text_map, texts
 
 
 def month_of(epoch_ms: int) -> str:
@@ -48,9 +48,15 @@ class CallRecord:
     ended_at_ms: int | None
     metered_ms: int
     end_reason: str | None
+    provider: str | None
     provider_call_id: str | None
     twilio_status: str | None
     twilio_call_duration_secs: int | None
+    transferred_to: str | None = None
+    agent_audio_ms: int = 0
+    agent_played_ms: int = 0
+    interruptions: int = 0
+    dropped_frames: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +188,7 @@ class Ledger:
         self, workspace_id: str, call_sid: str, fields: dict[str, str]
     ) -> None:
         """Add informational fields (such as the provider's call id) to a record."""
-        mapping: dict[Any, Any] = dict(fields)
+        mapping: HashFields = dict(fields)
         await self._store.hset(keyspace.call(workspace_id, call_sid), mapping=mapping)
 
     async def record_twilio_status(
@@ -284,9 +290,15 @@ def _record(fields: dict[str, str]) -> CallRecord:
         ended_at_ms=_optional_int(fields.get("ended_at_ms")),
         metered_ms=int(fields.get("metered_ms", 0)),
         end_reason=fields.get("end_reason") or None,
+        provider=fields.get("provider") or None,
         provider_call_id=fields.get("provider_call_id") or None,
         twilio_status=fields.get("twilio_status") or None,
         twilio_call_duration_secs=_optional_int(
             fields.get("twilio_call_duration_secs")
         ),
+        transferred_to=fields.get("transferred_to") or None,
+        agent_audio_ms=int(fields.get("agent_audio_ms", 0)),
+        agent_played_ms=int(fields.get("agent_played_ms", 0)),
+        interruptions=int(fields.get("interruptions", 0)),
+        dropped_frames=int(fields.get("dropped_frames", 0)),
     )

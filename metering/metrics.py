@@ -65,6 +65,33 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.frames_dropped = Counter(
+            "frames_dropped",
+            "Audio frames dropped because the far side fell a second behind.",
+            ["direction"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.barge_ins = Counter(
+            "barge_ins",
+            "Times the caller interrupted the agent and its audio was cleared.",
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.transfers = Counter(
+            "transfers",
+            "Transfers the agent asked for, by outcome (done, refused, failed).",
+            ["outcome"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "fallbacks",
+            "Calls sent to the workspace's fallback, by outcome.",
+            ["outcome"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.frames_malformed = Counter(
             "frames_malformed",
             "Malformed frames received from Twilio or a provider.",

@@ -25,6 +25,7 @@ from router.settings import Settings
 from router.signatures import TwilioSigner
 from router.store import EmbeddedValkey, connect
 from router.tokens import StreamTokens
+from router.twilio_api import TwilioApi
 from tenancy import api
 from tenancy.logs import access_logger, router_logger
 from tenancy.numbers import Numbers
@@ -82,6 +83,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[stream.VAPI] = VapiClient(
         http, settings.vapi_api_url, settings.upstream_timeout_secs
     )
+    app[stream.TWILIO_API] = TwilioApi(
+        http, settings.twilio_api_url, twilio_tokens(settings)
+    )
     app[HTTP] = http
     meter.start()
     try:
@@ -100,6 +104,13 @@ async def _end_live_calls(app: web.Application) -> None:
     if calls:
         router_logger.info("ending %d live calls for shutdown", len(calls))
         await asyncio.gather(*calls, return_exceptions=True)
+
+
+def twilio_tokens(settings: Settings) -> dict[str, str]:
+    """Auth token by Twilio account sid, for every account Callgate serves."""
+    if settings.twilio_account_sid and settings.twilio_auth_token:
+        return {settings.twilio_account_sid: settings.twilio_auth_token}
+    return {}
 
 
 def runner(app: web.Application) -> web.AppRunner:
@@ -158,10 +169,9 @@ def create_app(
     )
     app[webhooks.SETTINGS] = settings
     app[webhooks.METRICS] = Metrics(registry or CollectorRegistry())
-    tokens: dict[str, str] = {}
-    if settings.twilio_account_sid and settings.twilio_auth_token:
-        tokens[settings.twilio_account_sid] = settings.twilio_auth_token
-    app[webhooks.SIGNER] = TwilioSigner(tokens, enabled=settings.verify_signatures)
+    app[webhooks.SIGNER] = TwilioSigner(
+        twilio_tokens(settings), enabled=settings.verify_signatures
+    )
     live_calls: set[asyncio.Task[object]] = set()
     app[stream.LIVE_CALLS] = live_calls
 

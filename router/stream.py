@@ -15,10 +15,12 @@ import redis.asyncio as redis
 from aiohttp import WSMsgType, web
 
 from media import frames
-from media.bridge import Bridge, EndReason
+from media.bridge import Bridge, BridgeResult, EndReason
 from media.vapi import VapiClient
 from metering.meter import CallSession, Meter
+from router.control import TwilioCallControl
 from router.tokens import StreamClaims
+from router.twilio_api import TwilioApi
 from router.webhooks import METRICS, ROUTER_LEDGER, SETTINGS, SIGNER, TOKENS
 from tenancy.errors import (
     SealError,
@@ -35,6 +37,7 @@ METER = web.AppKey("meter", Meter)
 VAPI = web.AppKey("vapi", VapiClient)
 STREAM_WORKSPACES = web.AppKey("stream_workspaces", Workspaces)
 LIVE_CALLS: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("live_calls")
+TWILIO_API = web.AppKey("twilio_api", TwilioApi)
 
 HANDSHAKE_TIMEOUT_SECS = 10.0
 # How long a hang-up waits for Twilio to answer our close frame; it bounds
@@ -185,7 +188,9 @@ async def _run_call(
         return
     reason = EndReason.UPSTREAM_FAILED
     try:
-        reason = await _bridge(app, socket, state, session, log)
+        result = await _bridge(app, socket, state, session, claims, log)
+        reason = result.reason
+        await _record(app, session, result, log)
     except asyncio.CancelledError:
         reason = EndReason.SHUTDOWN
         raise
@@ -199,16 +204,46 @@ async def _run_call(
         )
 
 
+async def _record(
+    app: web.Application, session: CallSession, result: BridgeResult, log: CallLog
+) -> None:
+    """Note on the call record what the bridge saw."""
+    fields = {
+        "agent_audio_ms": str(result.agent_audio_ms),
+        "agent_played_ms": str(result.agent_played_ms),
+        "interruptions": str(result.interruptions),
+        "dropped_frames": str(result.dropped_frames),
+    }
+    if result.transferred_to:
+        fields["transferred_to"] = result.transferred_to
+    try:
+        await app[ROUTER_LEDGER].set_fields(
+            session.workspace_id, session.call_sid, fields
+        )
+    except redis.RedisError:
+        log.warning("could not record the bridge's figures", exc_info=True)
+
+
 async def _bridge(
     app: web.Application,
     socket: web.WebSocketResponse,
     state: frames.StreamState,
     session: CallSession,
+    claims: StreamClaims,
     log: CallLog,
-) -> EndReason:
+) -> BridgeResult:
     """Open the agent's call and relay audio until one side ends."""
     workspaces = app[STREAM_WORKSPACES]
     metrics = app[METRICS]
+    workspace = await workspaces.get(session.workspace_id)
+    control = TwilioCallControl(
+        app[TWILIO_API],
+        claims.account_sid,
+        session.call_sid,
+        workspace.policy,
+        metrics,
+        log,
+    )
     try:
         agent = await workspaces.get_agent(session.workspace_id, session.agent_id)
         api_key = await workspaces.agent_api_key(session.workspace_id, agent.id)
@@ -223,13 +258,11 @@ async def _bridge(
     except UpstreamError as exc:
         metrics.upstream_errors.labels("vapi", "connect").inc()
         log.warning("agent platform unavailable: %s", exc)
-        await socket.close(code=frames.CLOSE_NORMAL)
-        return EndReason.UPSTREAM_FAILED
+        return await _fall_back(socket, control)
     except (SealError, StoreError, redis.RedisError, LookupError):
         metrics.upstream_errors.labels("vapi", "config").inc()
         log.error("cannot open the agent's call", exc_info=True)
-        await socket.close(code=frames.CLOSE_NORMAL)
-        return EndReason.UPSTREAM_FAILED
+        return await _fall_back(socket, control)
 
     try:
         await app[ROUTER_LEDGER].set_fields(
@@ -239,5 +272,30 @@ async def _bridge(
         )
     except redis.RedisError:
         log.warning("could not record the provider call id", exc_info=True)
-    bridge = Bridge(socket, state, upstream, metrics, log)
+    bridge = Bridge(
+        socket,
+        state,
+        upstream,
+        control,
+        frozenset(workspace.policy.transfer_numbers),
+        metrics,
+        log,
+    )
     return await bridge.run()
+
+
+async def _fall_back(
+    socket: web.WebSocketResponse, control: TwilioCallControl
+) -> BridgeResult:
+    """Send the caller to the fallback, then let the stream go."""
+    # Redirect first: closing the stream first would end the call.
+    await control.fall_back()
+    await socket.close(code=frames.CLOSE_NORMAL)
+    return BridgeResult(
+        reason=EndReason.UPSTREAM_FAILED,
+        transferred_to=None,
+        agent_audio_ms=0,
+        agent_played_ms=0,
+        interruptions=0,
+        dropped_frames=0,
+    )

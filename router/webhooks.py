@@ -12,10 +12,10 @@ from typing import Any
 import redis.asyncio as redis
 from aiohttp import web
 from multidict import MultiDictProxy
-from twilio.twiml.voice_response import VoiceResponse
 
 from metering.ledger import CallNotFoundError, Ledger
 from metering.metrics import Metrics
+from router import twiml
 from router.settings import Settings
 from router.signatures import TwilioSigner
 from router.tokens import StreamTokens
@@ -34,29 +34,10 @@ ROUTER_NUMBERS = web.AppKey("router_numbers", Numbers)
 ROUTER_LEDGER = web.AppKey("router_ledger", Ledger)
 
 STREAM_PATH = "/twilio/stream/"
-UNAVAILABLE_MESSAGE = (
-    "Sorry, this line is temporarily unavailable. Please try again later. Goodbye."
-)
-NOT_IN_SERVICE_MESSAGE = "Sorry, this number is not taking calls right now. Goodbye."
 
 
-def _twiml(response: VoiceResponse) -> web.Response:
-    return web.Response(text=str(response), content_type="text/xml")
-
-
-def reject() -> web.Response:
-    """``<Reject/>`` as the first verb: the call is never answered or billed."""
-    response = VoiceResponse()
-    response.reject(reason="rejected")
-    return _twiml(response)
-
-
-def say_and_hang_up(message: str) -> web.Response:
-    """A short spoken message, then hang up (this answers the call)."""
-    response = VoiceResponse()
-    response.say(message)
-    response.hangup()
-    return _twiml(response)
+def _twiml(document: str) -> web.Response:
+    return web.Response(text=document, content_type="text/xml")
 
 
 async def _signed_form(request: web.Request, endpoint: str) -> MultiDictProxy[Any]:
@@ -105,19 +86,19 @@ async def voice(request: web.Request) -> web.Response:
         route = await request.app[ROUTER_NUMBERS].resolve(to)
     except UnknownNumberError:
         count.labels("voice", "unknown_number").inc()
-        return reject()
+        return _twiml(twiml.reject())
     except (StoreError, redis.RedisError):
         count.labels("voice", "store_unavailable").inc()
         router_logger.error("cannot route call: store unavailable", exc_info=True)
-        return say_and_hang_up(UNAVAILABLE_MESSAGE)
+        return _twiml(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
     # A number recorded under a specific Twilio account only takes calls
     # signed by that account; another account's webhook for it is not ours.
     if route.number.twilio_account_sid not in (None, account_sid):
         count.labels("voice", "unknown_number").inc()
-        return reject()
+        return _twiml(twiml.reject())
     if route.workspace.status != "active":
         count.labels("voice", "suspended").inc()
-        return say_and_hang_up(NOT_IN_SERVICE_MESSAGE)
+        return _twiml(twiml.say_and_hang_up(twiml.NOT_IN_SERVICE_MESSAGE))
 
     try:
         await request.app[ROUTER_LEDGER].open_call(
@@ -138,18 +119,12 @@ async def voice(request: web.Request) -> web.Response:
     except (StoreError, redis.RedisError):
         count.labels("voice", "store_unavailable").inc()
         router_logger.error("cannot route call: store unavailable", exc_info=True)
-        return say_and_hang_up(UNAVAILABLE_MESSAGE)
+        return _twiml(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
 
     count.labels("voice", "routed").inc()
-    response = VoiceResponse()
-    connect = response.connect()
-    stream = connect.stream(
-        url=request.app[SETTINGS].stream_base_url + STREAM_PATH + token
-    )
-    stream.parameter(name="workspace", value=route.workspace.id)
-    stream.parameter(name="agent", value=route.agent.id)
-    # Nothing follows </Connect>: when Callgate closes the stream, the call ends.
-    return _twiml(response)
+    url = request.app[SETTINGS].stream_base_url + STREAM_PATH + token
+    parameters = {"workspace": route.workspace.id, "agent": route.agent.id}
+    return _twiml(twiml.connect_stream(url, parameters))
 
 
 async def status(request: web.Request) -> web.Response:

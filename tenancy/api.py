@@ -31,7 +31,7 @@ from tenancy.errors import (
 from tenancy.logs import tenancy_logger
 from tenancy.numbers import Number, Numbers
 from tenancy.problems import problem
-from tenancy.workspaces import Agent, Workspace, Workspaces, now_ms
+from tenancy.workspaces import Agent, CallPolicy, Workspace, Workspaces, now_ms
 
 PREFIX = "/api/v1"
 
@@ -48,10 +48,47 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
-class CreateWorkspace(_Body):
+E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+Phone = Annotated[str, Field(pattern=E164_PATTERN)]
+
+
+class PolicyFields(_Body):
+    """Call policy fields shared by creating and updating a workspace."""
+
+    fallback_message: Annotated[str | None, Field(min_length=1, max_length=300)] = None
+    fallback_number: Phone | None = None
+    transfer_numbers: Annotated[list[Phone] | None, Field(max_length=50)] = None
+    recording: bool | None = None
+
+    def merged(self, current: CallPolicy) -> CallPolicy:
+        """``current`` with every field given in this body replaced."""
+        given = self.model_fields_set
+        return CallPolicy(
+            fallback_message=self.fallback_message
+            if self.fallback_message is not None
+            else current.fallback_message,
+            fallback_number=self.fallback_number
+            if "fallback_number" in given
+            else current.fallback_number,
+            transfer_numbers=tuple(self.transfer_numbers)
+            if self.transfer_numbers is not None
+            else current.transfer_numbers,
+            recording=self.recording
+            if self.recording is not None
+            else current.recording,
+        )
+
+
+class CreateWorkspace(PolicyFields):
     """Body of ``POST /workspaces``."""
 
     name: Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class UpdateWorkspace(PolicyFields):
+    """Body of ``PATCH /workspaces/{id}``: only the fields given change."""
+
+    name: Annotated[str | None, Field(min_length=1, max_length=100)] = None
 
 
 class CreateAgent(_Body):
@@ -66,7 +103,7 @@ class CreateAgent(_Body):
 class AttachNumber(_Body):
     """Body of ``POST /workspaces/{id}/numbers``."""
 
-    number: Annotated[str, Field(pattern=r"^\+[1-9][0-9]{1,14}$")]
+    number: Phone
     agent_id: Annotated[str, Field(pattern=r"^ag_[a-z2-7]{16}$")]
     twilio_account_sid: Annotated[
         str | None, Field(default=None, pattern=r"^AC[0-9a-f]{32}$")
@@ -87,11 +124,16 @@ def _iso(epoch_ms: int | None) -> str | None:
 
 
 def _workspace(workspace: Workspace) -> dict[str, Any]:
+    policy = workspace.policy
     return {
         "id": workspace.id,
         "name": workspace.name,
         "status": workspace.status,
         "created_at": _iso(workspace.created_at_ms),
+        "fallback_message": policy.fallback_message,
+        "fallback_number": policy.fallback_number,
+        "transfer_numbers": list(policy.transfer_numbers),
+        "recording": policy.recording,
     }
 
 
@@ -159,7 +201,9 @@ async def _body(request: web.Request, model: type[M]) -> M:
 async def create_workspace(request: web.Request) -> web.Response:
     """``POST /workspaces``: a new, empty, active workspace."""
     body = await _body(request, CreateWorkspace)
-    workspace = await request.app[WORKSPACES].create(body.name)
+    workspace = await request.app[WORKSPACES].create(
+        body.name, body.merged(CallPolicy())
+    )
     tenancy_logger.info("created workspace %s", workspace.id)
     return _json(_workspace(workspace), status=201)
 
@@ -173,6 +217,18 @@ async def list_workspaces(request: web.Request) -> web.Response:
 async def get_workspace(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}``."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    return _json(_workspace(workspace))
+
+
+async def update_workspace(request: web.Request) -> web.Response:
+    """``PATCH /workspaces/{workspace_id}``: rename, or change the call policy."""
+    workspaces = request.app[WORKSPACES]
+    current = await workspaces.get(request.match_info["workspace_id"])
+    body = await _body(request, UpdateWorkspace)
+    workspace = await workspaces.update(
+        current.id, name=body.name, policy=body.merged(current.policy)
+    )
+    tenancy_logger.info("updated workspace %s", workspace.id)
     return _json(_workspace(workspace))
 
 
@@ -306,6 +362,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(PREFIX + "/workspaces", create_workspace)
     app.router.add_get(PREFIX + "/workspaces", list_workspaces)
     app.router.add_get(ws, get_workspace)
+    app.router.add_patch(ws, update_workspace)
     app.router.add_post(ws + "/agents", create_agent)
     app.router.add_get(ws + "/agents", list_agents)
     app.router.add_post(ws + "/numbers", attach_number)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+# A hash mapping as redis-py's types accept it: its key type is invariant, so a
+# precise dict[str, str] does not fit; values are str or int in practice.
+HashFields = dict[Any, Any]
+
 
 def text(value: Any) -> str:
     """One reply as ``str``."""

@@ -14,7 +14,7 @@ import redis.asyncio as redis
 
 from tenancy import keyspace
 from tenancy.errors import AgentNotFoundError, WorkspaceNotFoundError
-from tenancy.replies import text_map, texts
+from tenancy.replies import HashFields, text_map, texts
 from tenancy.vault import Vault
 
 Provider = Literal["vapi"]
@@ -26,6 +26,26 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+DEFAULT_FALLBACK_MESSAGE = (
+    "Sorry, we can't take your call right now. Please try again later. Goodbye."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CallPolicy:
+    """How a workspace's calls behave when something other than talking happens.
+
+    ``fallback_number`` (E.164), when set, is dialled if the agent platform
+    fails; otherwise the caller hears ``fallback_message``. The agent may only
+    transfer calls to ``transfer_numbers``.
+    """
+
+    fallback_message: str = DEFAULT_FALLBACK_MESSAGE
+    fallback_number: str | None = None
+    transfer_numbers: tuple[str, ...] = ()
+    recording: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Workspace:
     """One client of the agency."""
@@ -34,6 +54,7 @@ class Workspace:
     name: str
     status: Literal["active", "suspended"]
     created_at_ms: int
+    policy: CallPolicy = CallPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +80,14 @@ class Workspaces:
         self._store = store
         self._vault = vault
 
-    async def create(self, name: str) -> Workspace:
+    async def create(self, name: str, policy: CallPolicy | None = None) -> Workspace:
         """Create an active workspace with a fresh id."""
         workspace = Workspace(
             id=keyspace.new_id("ws"),
             name=name,
             status="active",
             created_at_ms=now_ms(),
+            policy=policy or CallPolicy(),
         )
         # The record goes first: an id listed in the index always has one.
         await self._store.hset(
@@ -75,6 +97,7 @@ class Workspaces:
                 "name": workspace.name,
                 "status": workspace.status,
                 "created_at_ms": workspace.created_at_ms,
+                **_policy_fields(workspace.policy),
             },
         )
         await self._store.zadd(
@@ -90,6 +113,24 @@ class Workspaces:
         if not fields:
             raise WorkspaceNotFoundError(workspace_id)
         return _workspace(fields)
+
+    async def update(
+        self,
+        workspace_id: str,
+        *,
+        name: str | None = None,
+        policy: CallPolicy | None = None,
+    ) -> Workspace:
+        """Change the workspace's name or call policy; the rest stays."""
+        current = await self.get(workspace_id)
+        fields: HashFields = {}
+        if name is not None:
+            fields["name"] = name
+        if policy is not None:
+            fields.update(_policy_fields(policy))
+        if fields:
+            await self._store.hset(keyspace.workspace(current.id), mapping=fields)
+        return await self.get(workspace_id)
 
     async def all(self) -> list[Workspace]:
         """Every workspace, oldest first."""
@@ -171,13 +212,29 @@ class Workspaces:
         return fields
 
 
+def _policy_fields(policy: CallPolicy) -> HashFields:
+    return {
+        "fallback_message": policy.fallback_message,
+        "fallback_number": policy.fallback_number or "",
+        "transfer_numbers": ",".join(policy.transfer_numbers),
+        "recording": int(policy.recording),
+    }
+
+
 def _workspace(fields: dict[str, str]) -> Workspace:
     status = fields["status"]
+    numbers = fields.get("transfer_numbers", "")
     return Workspace(
         id=fields["id"],
         name=fields["name"],
         status="suspended" if status == "suspended" else "active",
         created_at_ms=int(fields["created_at_ms"]),
+        policy=CallPolicy(
+            fallback_message=fields.get("fallback_message") or DEFAULT_FALLBACK_MESSAGE,
+            fallback_number=fields.get("fallback_number") or None,
+            transfer_numbers=tuple(numbers.split(",")) if numbers else (),
+            recording=fields.get("recording") == "1",
+        ),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,15 +94,34 @@ class Harness:
         assert status == 201, attached
         return Tenant(workspace["id"], agent["id"], number, vapi_key, assistant_id)
 
+    async def place(self, to: str, from_: str) -> SimulatedCall:
+        """Place a call that Twilio's REST API (the fake) can act on."""
+        call = await self.twilio.place_call(to, from_)
+        self.twilio_rest.register_call(call)
+        return call
+
     async def connected_call(
         self, to: str, from_: str, timeout_secs: float = 5.0
     ) -> tuple[SimulatedCall, FakeVapiCall]:
         """Place a call to ``to`` and return once its Vapi transport is open."""
-        call = await self.twilio.place_call(to, from_)
+        call = await self.place(to, from_)
         await call.open_stream()
         vapi_call = await self.vapi.wait_for_call(timeout_secs)
         await vapi_call.wait_connected(timeout_secs)
         return call, vapi_call
+
+    async def set_policy(self, workspace_id: str, **policy: Any) -> None:
+        """Change a workspace's call policy through the API."""
+        status, body = await self.api("PATCH", f"/workspaces/{workspace_id}", policy)
+        assert status == 200, body
+
+    def rest_forms(self, call_sid: str) -> list[Mapping[str, str]]:
+        """Forms POSTed to Twilio's REST API for one call, oldest first."""
+        return [
+            request.form
+            for request in self.twilio_rest.requests
+            if request.method == "POST" and call_sid in request.path
+        ]
 
     async def call_record(self, workspace_id: str, call_sid: str) -> dict[str, Any]:
         """A call record read through the operator API (it must exist)."""

@@ -1,0 +1,199 @@
+"""A real conversation through the bridge: barge-in, keypad, transfer, failure."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import redis.asyncio as redis
+
+from tests.harness import Harness, running_callgate
+from tests.peers.audio import split_frames, tone_mulaw
+
+NUMBER = "+15005550001"
+CALLER = "+14155551212"
+TRANSFER_TO = "+15005550777"
+
+
+async def test_barge_in_clears_twilio_within_a_frame(callgate: Harness) -> None:
+    """The agent's interrupt reaches Twilio as clear within 20 ms; old audio goes."""
+    tenant = await callgate.tenant("alpha", NUMBER)
+    call, vapi_call = await callgate.connected_call(NUMBER, CALLER)
+    speech = tone_mulaw(440, duration_ms=3000)
+    await callgate.vapi.send_audio(vapi_call.id, split_frames(speech))
+    await call.wait_for_audio(len(speech), timeout_secs=5)
+    assert call.queued_playback_secs() > 2.0
+
+    loop = asyncio.get_running_loop()
+    interrupted_at = loop.time()
+    await callgate.vapi.send_json(vapi_call.id, {"type": "user-interrupted"})
+    await call.wait_for_event("clear", timeout_secs=2)
+    assert call.clears_received[0] - interrupted_at < 0.020
+    assert call.queued_playback_secs() == 0
+
+    answer = tone_mulaw(1000, duration_ms=200)
+    await callgate.vapi.send_audio(vapi_call.id, split_frames(answer))
+    await call.wait_for_audio(len(speech) + len(answer), timeout_secs=5)
+    await call.hang_up()
+    await callgate.calls_settled()
+
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["interruptions"] == 1
+    assert record["agent_audio_ms"] == 3200
+    assert record["agent_played_ms"] < 3000
+    assert callgate.metric("callgate_barge_ins_total", {}) == 1
+
+
+async def test_keypad_digits_reach_the_agent(callgate: Harness) -> None:
+    """A DTMF digit reaches Vapi as a user message naming the key."""
+    await callgate.tenant("alpha", NUMBER)
+    call, vapi_call = await callgate.connected_call(NUMBER, CALLER)
+    await call.send_dtmf("5")
+    await call.send_dtmf("#")
+    await call.hang_up()
+    await vapi_call.wait_closed(timeout_secs=5)
+    added = [m for m in vapi_call.received_text if m.get("type") == "add-message"]
+    assert [m["message"] for m in added] == [
+        {"role": "user", "content": "[keypad] 5"},
+        {"role": "user", "content": "[keypad] #"},
+    ]
+    assert all(m["triggerResponseEnabled"] is True for m in added)
+
+
+async def test_agent_transfer_redirects_the_call(callgate: Harness) -> None:
+    """A transfer to an allowed number redirects the live call with <Dial>."""
+    tenant = await callgate.tenant("alpha", NUMBER)
+    await callgate.set_policy(tenant.workspace_id, transfer_numbers=[TRANSFER_TO])
+    call, vapi_call = await callgate.connected_call(NUMBER, CALLER)
+    await callgate.vapi.send_json(
+        vapi_call.id,
+        {
+            "type": "transfer-update",
+            "destination": {"type": "number", "number": TRANSFER_TO},
+        },
+    )
+    await call.wait_closed(timeout_secs=5)
+    await vapi_call.wait_closed(timeout_secs=5)
+    await callgate.calls_settled()
+    assert call.redirected_twiml is not None
+    assert f"<Dial>{TRANSFER_TO}</Dial>" in call.redirected_twiml
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "transferred"
+    assert record["transferred_to"] == TRANSFER_TO
+    assert callgate.metric("callgate_transfers_total", {"outcome": "done"}) == 1
+
+
+async def test_transfer_to_a_number_not_allowed_is_refused(callgate: Harness) -> None:
+    """A transfer to a number off the workspace's list changes nothing."""
+    tenant = await callgate.tenant("alpha", NUMBER)
+    call, vapi_call = await callgate.connected_call(NUMBER, CALLER)
+    await callgate.vapi.send_json(
+        vapi_call.id,
+        {
+            "type": "transfer-update",
+            "destination": {"type": "number", "number": TRANSFER_TO},
+        },
+    )
+    tone = tone_mulaw(440, duration_ms=200)
+    await call.send_audio(split_frames(tone))
+    await call.wait_for_audio(len(tone), timeout_secs=5)  # still bridged
+    await call.hang_up()
+    await callgate.calls_settled()
+    assert callgate.rest_forms(call.sid) == []
+    assert callgate.metric("callgate_transfers_total", {"outcome": "refused"}) == 1
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "caller_hung_up"
+
+
+async def test_agent_platform_refusing_plays_the_fallback_fast(
+    callgate: Harness,
+) -> None:
+    """Vapi answering 500 sends the caller to the fallback message within 2 s."""
+    tenant = await callgate.tenant("alpha", NUMBER)
+    callgate.vapi.create_status_override = 500
+    call = await callgate.place(NUMBER, CALLER)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await call.open_stream()
+    await call.wait_closed(timeout_secs=5)
+    assert loop.time() - started < 2.0
+    assert call.redirected_twiml is not None
+    assert "<Say>Sorry, we can't take your call right now" in call.redirected_twiml
+    await callgate.calls_settled()
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "upstream_failed"
+    assert callgate.metric("callgate_fallbacks_total", {"outcome": "done"}) == 1
+
+
+async def test_agent_platform_timing_out_dials_the_fallback_number(
+    store: redis.Redis, valkey_url: str, tmp_path: Path
+) -> None:
+    """A Vapi that does not answer in time sends the caller to the fallback number."""
+    async with running_callgate(
+        valkey_url, tmp_path, CALLGATE_UPSTREAM_TIMEOUT_MS="500"
+    ) as callgate:
+        tenant = await callgate.tenant("alpha", NUMBER)
+        await callgate.set_policy(tenant.workspace_id, fallback_number=TRANSFER_TO)
+        callgate.vapi.create_delay_secs = 5.0
+        call = await callgate.place(NUMBER, CALLER)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await call.open_stream()
+        await call.wait_closed(timeout_secs=5)
+        assert loop.time() - started < 2.5  # 0.5 s timeout, then under 2 s
+        assert call.redirected_twiml is not None
+        assert f"<Dial>{TRANSFER_TO}</Dial>" in call.redirected_twiml
+        await callgate.calls_settled()
+        record = await callgate.call_record(tenant.workspace_id, call.sid)
+        assert record["end_reason"] == "upstream_failed"
+
+
+async def test_agent_platform_dying_mid_call_plays_the_fallback(
+    callgate: Harness,
+) -> None:
+    """A Vapi socket reset mid-call: fallback heard, reason and seconds recorded."""
+    tenant = await callgate.tenant("alpha", NUMBER)
+    call, vapi_call = await callgate.connected_call(NUMBER, CALLER)
+    tone = tone_mulaw(440, duration_ms=600)
+    await call.send_audio(split_frames(tone))
+    await callgate.vapi.drop(vapi_call.id)
+    await call.wait_closed(timeout_secs=5)
+    assert call.redirected_twiml is not None
+    assert "<Say>" in call.redirected_twiml
+    await callgate.calls_settled()
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "upstream_failed"
+    assert 550 <= record["metered_ms"] <= 2000
+    assert (
+        callgate.metric(
+            "callgate_calls_ended_total",
+            {"workspace": tenant.workspace_id, "reason": "upstream_failed"},
+        )
+        == 1
+    )
+
+
+async def test_lost_stream_hangs_the_call_up_through_twilio(callgate: Harness) -> None:
+    """When the stream drops without a stop, Callgate ends the call via REST."""
+    await callgate.tenant("alpha", NUMBER)
+    call, vapi_call = await callgate.connected_call(NUMBER, CALLER)
+    await call.drop()
+    await vapi_call.wait_closed(timeout_secs=5)
+    await callgate.calls_settled()
+    assert {"Status": "completed"} in [dict(f) for f in callgate.rest_forms(call.sid)]
+
+
+async def test_agents_last_words_play_before_the_call_ends(callgate: Harness) -> None:
+    """After the agent hangs up, its queued goodbye plays before Twilio is closed."""
+    await callgate.tenant("alpha", NUMBER)
+    call, vapi_call = await callgate.connected_call(NUMBER, CALLER)
+    goodbye = tone_mulaw(440, duration_ms=1000)
+    await callgate.vapi.send_audio(vapi_call.id, split_frames(goodbye))
+    loop = asyncio.get_running_loop()
+    hung_up_at = loop.time()
+    await callgate.vapi.hang_up(vapi_call.id)
+    await call.wait_closed(timeout_secs=5)
+    assert len(call.received_audio) == len(goodbye)
+    assert call.queued_playback_secs() == 0
+    assert loop.time() - hung_up_at >= 0.8
+    assert call.ended_by_server
