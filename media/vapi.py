@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from media.codecs import AgentPcm16ToCaller, CallerToAgentPcm16
 from media.upstream import (
     AgentAudio,
     AgentEvent,
@@ -30,6 +31,8 @@ from tenancy.logs import media_logger
 PROVIDER = "vapi"
 # Caller audio is forwarded as Twilio delivers it: no transcoding.
 MULAW_8K = {"format": "mulaw", "container": "raw", "sampleRate": 8000}
+# For assistants that want linear audio; converted at this adapter's edge.
+PCM16_16K = {"format": "pcm_s16le", "container": "raw", "sampleRate": 16000}
 _END_CALL = orjson.dumps({"type": "end-call"}).decode("utf-8")
 _MAX_MESSAGE_BYTES = 1 << 20
 
@@ -39,9 +42,17 @@ class VapiCall:
 
     provider = PROVIDER
 
-    def __init__(self, call_id: str, socket: aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(
+        self,
+        call_id: str,
+        socket: aiohttp.ClientWebSocketResponse,
+        pcm16: bool = False,
+    ) -> None:
+        """With ``pcm16`` the socket carries PCM16 16 kHz, the bridge µ-law 8 kHz."""
         self.call_id = call_id
         self._socket = socket
+        self._to_agent = CallerToAgentPcm16() if pcm16 else None
+        self._to_caller = AgentPcm16ToCaller() if pcm16 else None
         self._hung_up = False
         self.malformed_messages = 0
 
@@ -49,6 +60,8 @@ class VapiCall:
         """Forward caller audio; dropped silently once the socket has closed."""
         if self._socket.closed:
             return
+        if self._to_agent is not None:
+            payload = self._to_agent.process(payload)
         try:
             await self._socket.send_bytes(payload)
         except (ConnectionError, aiohttp.ClientError) as exc:
@@ -62,7 +75,11 @@ class VapiCall:
         """
         async for message in self._socket:
             if message.type is aiohttp.WSMsgType.BINARY:
-                yield AgentAudio(message.data)
+                audio = message.data
+                if self._to_caller is not None:
+                    audio = self._to_caller.process(audio)
+                if audio:
+                    yield AgentAudio(audio)
             elif message.type is aiohttp.WSMsgType.TEXT:
                 event = self._decode(message.data)
                 if event is not None:
@@ -137,16 +154,26 @@ class VapiClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout_secs)
 
     async def connect(
-        self, *, api_key: str, assistant_id: str, metadata: dict[str, str]
+        self,
+        *,
+        api_key: str,
+        assistant_id: str,
+        metadata: dict[str, str],
+        pcm16: bool = False,
     ) -> VapiCall:
         """Create a websocket-transport call for ``assistant_id`` and connect it.
+
+        With ``pcm16`` Vapi is asked for PCM16 at 16 kHz instead of µ-law.
 
         Raises :class:`UpstreamError` if Vapi cannot be reached, refuses the
         call, answers with something unexpected, or the transport won't open.
         """
         body = {
             "assistantId": assistant_id,
-            "transport": {"provider": "vapi.websocket", "audioFormat": MULAW_8K},
+            "transport": {
+                "provider": "vapi.websocket",
+                "audioFormat": PCM16_16K if pcm16 else MULAW_8K,
+            },
             "metadata": metadata,
         }
         created = await self._create(api_key, body)
@@ -160,7 +187,7 @@ class VapiClient:
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamError(f"vapi transport did not open: {exc}") from exc
-        return VapiCall(call_id, socket)
+        return VapiCall(call_id, socket, pcm16=pcm16)
 
     async def _create(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -254,6 +254,7 @@ async def _bridge(
                 "callgate_workspace_id": session.workspace_id,
                 "twilio_call_sid": session.call_sid,
             },
+            pcm16=agent.audio_format == "pcm16",
         )
     except UpstreamError as exc:
         metrics.upstream_errors.labels("vapi", "connect").inc()

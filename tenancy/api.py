@@ -98,6 +98,7 @@ class CreateAgent(_Body):
     provider: Literal["vapi"]
     assistant_id: Annotated[str, Field(min_length=1, max_length=200)]
     api_key: Annotated[str, Field(min_length=1, max_length=500)]
+    audio_format: Literal["mulaw", "pcm16"] = "mulaw"
 
 
 class AttachNumber(_Body):
@@ -144,6 +145,7 @@ def _agent(agent: Agent) -> dict[str, Any]:
         "name": agent.name,
         "provider": agent.provider,
         "assistant_id": agent.assistant_id,
+        "audio_format": agent.audio_format,
         "created_at": _iso(agent.created_at_ms),
     }
 
@@ -242,6 +244,7 @@ async def create_agent(request: web.Request) -> web.Response:
         provider=body.provider,
         assistant_id=body.assistant_id,
         api_key=body.api_key,
+        audio_format=body.audio_format,
     )
     tenancy_logger.info("created agent %s in workspace %s", agent.id, workspace_id)
     return _json(_agent(agent), status=201)

@@ -19,6 +19,8 @@ from tenancy.vault import Vault
 
 Provider = Literal["vapi"]
 PROVIDERS: tuple[Provider, ...] = ("vapi",)
+# What the agent platform is sent: Twilio's µ-law 8 kHz as is, or PCM16 16 kHz.
+AudioFormat = Literal["mulaw", "pcm16"]
 
 
 def now_ms() -> int:
@@ -67,6 +69,7 @@ class Agent:
     provider: Provider
     assistant_id: str
     created_at_ms: int
+    audio_format: AudioFormat = "mulaw"
 
 
 def _api_key_context(workspace_id: str, agent_id: str) -> str:
@@ -149,6 +152,7 @@ class Workspaces:
         provider: Provider,
         assistant_id: str,
         api_key: str,
+        audio_format: AudioFormat = "mulaw",
     ) -> Agent:
         """Create an agent; its ``api_key`` is stored sealed, never in clear."""
         await self.get(workspace_id)
@@ -159,6 +163,7 @@ class Workspaces:
             provider=provider,
             assistant_id=assistant_id,
             created_at_ms=now_ms(),
+            audio_format=audio_format,
         )
         sealed = self._vault.seal(api_key, _api_key_context(workspace_id, agent.id))
         async with self._store.pipeline(transaction=True) as pipe:
@@ -172,6 +177,7 @@ class Workspaces:
                     "assistant_id": agent.assistant_id,
                     "api_key_sealed": sealed,
                     "created_at_ms": agent.created_at_ms,
+                    "audio_format": agent.audio_format,
                 },
             )
             pipe.sadd(keyspace.agents(workspace_id), agent.id)
@@ -246,4 +252,5 @@ def _agent(fields: dict[str, str]) -> Agent:
         provider="vapi",
         assistant_id=fields["assistant_id"],
         created_at_ms=int(fields["created_at_ms"]),
+        audio_format="pcm16" if fields.get("audio_format") == "pcm16" else "mulaw",
     )

@@ -68,7 +68,9 @@ class Harness:
         ) as response:
             return response.status, await response.json(content_type=None)
 
-    async def tenant(self, name: str, number: str) -> Tenant:
+    async def tenant(
+        self, name: str, number: str, audio_format: str = "mulaw"
+    ) -> Tenant:
         """Create a workspace with a Vapi agent of its own and attach ``number``."""
         status, workspace = await self.api("POST", "/workspaces", {"name": name})
         assert status == 201, workspace
@@ -83,6 +85,7 @@ class Harness:
                 "provider": "vapi",
                 "assistant_id": assistant_id,
                 "api_key": vapi_key,
+                "audio_format": audio_format,
             },
         )
         assert status == 201, agent

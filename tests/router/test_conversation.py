@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import redis.asyncio as redis
 
+from media.codecs import Downsampler, Upsampler, ulaw_to_pcm16
 from tests.harness import Harness, running_callgate
 from tests.peers.audio import split_frames, tone_mulaw
 
@@ -197,3 +199,36 @@ async def test_agents_last_words_play_before_the_call_ends(callgate: Harness) ->
     assert call.queued_playback_secs() == 0
     assert loop.time() - hung_up_at >= 0.8
     assert call.ended_by_server
+
+
+def _snr_db(reference: bytes, received: bytes, delay_samples: int) -> float:
+    """SNR of ``received`` µ-law against ``reference``, after ``delay_samples``."""
+    ref = np.frombuffer(ulaw_to_pcm16(reference), dtype="<i2").astype(np.float64)
+    got = np.frombuffer(ulaw_to_pcm16(received), dtype="<i2").astype(np.float64)
+    warm_up = 160  # skip the filters' first 20 ms
+    ref = ref[warm_up : len(ref) - delay_samples]
+    got = got[warm_up + delay_samples : warm_up + delay_samples + len(ref)]
+    noise = float(np.sum((got - ref) ** 2)) or 1e-9
+    return 10 * float(np.log10(float(np.sum(ref**2)) / noise))
+
+
+async def test_pcm16_agent_gets_linear_audio_and_the_caller_hears_it_clearly(
+    callgate: Harness,
+) -> None:
+    """A PCM16 agent receives 16 kHz linear audio; the round trip keeps 30 dB SNR."""
+    await callgate.tenant("alpha", NUMBER, audio_format="pcm16")
+    call, vapi_call = await callgate.connected_call(NUMBER, CALLER)
+    assert vapi_call.audio_format == {
+        "format": "pcm_s16le",
+        "container": "raw",
+        "sampleRate": 16000,
+    }
+    tone = tone_mulaw(440, duration_ms=1000)
+    await call.send_audio(split_frames(tone))
+    await call.wait_for_audio(len(tone), timeout_secs=5)
+    await call.hang_up()
+    await callgate.calls_settled()
+
+    assert len(vapi_call.received_audio) == 4 * len(tone)
+    round_trip_delay = Upsampler.delay_samples // 2 + Downsampler.delay_samples
+    assert _snr_db(tone, bytes(call.received_audio), round_trip_delay) >= 30
