@@ -9,24 +9,18 @@ own CPU time (its Valkey child counted apart) and resident memory, read from
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import aiohttp
 import psutil
 
+from tests.harness import CallgateProcess, callgate_process
 from tests.peers.audio import split_frames, tone_mulaw
-from tests.peers.twilio import FakeTwilioRest, TwilioSimulator, new_account
-from tests.peers.vapi import FakeVapi
 
-OPERATOR_KEY = "bench-operator-" + "k" * 32
 NUMBER = "+15005550100"
 CALLER = "+14155550100"
-FRAME_MS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,47 +41,8 @@ def _usage(process: psutil.Process) -> Usage:
     return Usage(own.user + own.system, store, process.memory_info().rss)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def _start_server(env: dict[str, str]) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router.cli",
-        "serve",
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    async with asyncio.timeout(30):
-        while b"serving on" not in await process.stderr.readline():
-            if process.returncode is not None:
-                raise RuntimeError("callgate exited during start-up")
-    # Keep reading its log so the pipe never fills and blocks the server.
-    asyncio.get_running_loop().create_task(process.stderr.read())
-    return process
-
-
-async def _api(
-    http: aiohttp.ClientSession, base: str, path: str, body: object
-) -> dict[str, str]:
-    async with http.post(
-        f"{base}/api/v1{path}",
-        json=body,
-        headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
-    ) as response:
-        response.raise_for_status()
-        result: dict[str, str] = await response.json()
-        return result
-
-
-async def _one_call(simulator: TwilioSimulator, frames: list[bytes]) -> bool:
-    call = await simulator.place_call(NUMBER, CALLER)
+async def _one_call(callgate: CallgateProcess, frames: list[bytes]) -> bool:
+    call = await callgate.twilio.place_call(NUMBER, CALLER)
     await call.open_stream()
     await call.send_audio(frames)
     expected = sum(len(frame) for frame in frames)
@@ -99,71 +54,23 @@ async def _one_call(simulator: TwilioSimulator, frames: list[bytes]) -> bool:
 
 async def run_relay(calls: int, call_secs: int) -> None:
     """Carry ``calls`` simultaneous calls of ``call_secs`` and print the cost."""
-    vapi = FakeVapi()
-    await vapi.start()
-    rest = FakeTwilioRest()
-    await rest.start()
-    account = new_account()
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    data_dir = tempfile.mkdtemp(prefix="callgate-bench-")
-    env = {
-        **os.environ,
-        "CALLGATE_PORT": str(port),
-        "CALLGATE_DATA_DIR": data_dir,
-        "CALLGATE_OPERATOR_KEY": OPERATOR_KEY,
-        "CALLGATE_TWILIO_ACCOUNT_SID": account.sid,
-        "CALLGATE_TWILIO_AUTH_TOKEN": account.auth_token,
-        "CALLGATE_TWILIO_API_URL": rest.url,
-        "CALLGATE_VAPI_API_URL": vapi.api_url,
-        "CALLGATE_LOG_LEVEL": "WARNING",
-    }
-    server = await _start_server(env)
-    probe = psutil.Process(server.pid)
-    http = aiohttp.ClientSession()
-    try:
-        workspace = await _api(http, base, "/workspaces", {"name": "bench"})
-        vapi.add_key("bench-vapi-key")
-        agent = await _api(
-            http,
-            base,
-            f"/workspaces/{workspace['id']}/agents",
-            {
-                "name": "bench",
-                "provider": "vapi",
-                "assistant_id": "bench-assistant",
-                "api_key": "bench-vapi-key",
-            },
-        )
-        await _api(
-            http,
-            base,
-            f"/workspaces/{workspace['id']}/numbers",
-            {"number": NUMBER, "agent_id": agent["id"]},
-        )
-        simulator = TwilioSimulator(
-            http, account, f"{base}/twilio/voice", f"{base}/twilio/status"
-        )
+    data_dir = Path(tempfile.mkdtemp(prefix="callgate-bench-"))
+    async with callgate_process(data_dir) as callgate:
+        await callgate.tenant("bench", NUMBER)
+        probe = psutil.Process(callgate.pid)
         frames = split_frames(tone_mulaw(440, duration_ms=call_secs * 1000))
-
         idle = _usage(probe)
         started = time.monotonic()
         results = await asyncio.gather(
-            *(_one_call(simulator, frames) for _ in range(calls))
+            *(_one_call(callgate, frames) for _ in range(calls))
         )
         wall_secs = time.monotonic() - started
         busy = _usage(probe)
-        await simulator.close()
-    finally:
-        await http.close()
-        server.terminate()
-        await server.wait()
-        await rest.close()
-        await vapi.close()
 
     relayed = calls * len(frames) * 2
     cpu_secs = busy.cpu_secs - idle.cpu_secs
     call_secs_total = calls * call_secs
+    idle_mib, busy_mib = idle.rss_bytes >> 20, busy.rss_bytes >> 20
     print(f"relay: {calls} calls x {call_secs} s, wall {wall_secs:.1f} s")
     print(f"  audio intact:            {sum(results)}/{calls} calls")
     print(f"  frames relayed:          {relayed} (both directions)")
@@ -174,7 +81,6 @@ async def run_relay(calls: int, call_secs: int) -> None:
     print(
         f"  store CPU (valkey):      {busy.store_cpu_secs - idle.store_cpu_secs:.2f} s"
     )
-    idle_mib, busy_mib = idle.rss_bytes >> 20, busy.rss_bytes >> 20
     print(f"  RSS idle / loaded:       {idle_mib} / {busy_mib} MiB")
     print(
         "  RSS per call (est.):     "

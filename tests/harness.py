@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -151,6 +153,134 @@ class Harness:
     def metric(self, name: str, labels: dict[str, str]) -> float | None:
         """A sample from this server's Prometheus registry."""
         return self.registry.get_sample_value(name, labels)
+
+
+@dataclass
+class CallgateProcess:
+    """``callgate serve`` in a process of its own, with its peers in this one."""
+
+    base_url: str
+    pid: int
+    http: aiohttp.ClientSession
+    account: TwilioAccount
+    twilio: TwilioSimulator
+    twilio_rest: FakeTwilioRest
+    vapi: FakeVapi
+
+    async def tenant(self, name: str, number: str) -> str:
+        """Create a workspace with a Vapi agent and ``number``; return its id."""
+        headers = {"Authorization": f"Bearer {OPERATOR_KEY}"}
+        api = f"{self.base_url}/api/v1"
+        vapi_key = f"vapi-key-{name}"
+        self.vapi.add_key(vapi_key)
+        async with self.http.post(
+            f"{api}/workspaces", json={"name": name}, headers=headers
+        ) as response:
+            workspace: dict[str, str] = await response.json()
+        async with self.http.post(
+            f"{api}/workspaces/{workspace['id']}/agents",
+            json={
+                "name": name,
+                "provider": "vapi",
+                "assistant_id": f"assistant-{name}",
+                "api_key": vapi_key,
+            },
+            headers=headers,
+        ) as response:
+            agent: dict[str, str] = await response.json()
+        async with self.http.post(
+            f"{api}/workspaces/{workspace['id']}/numbers",
+            json={"number": number, "agent_id": agent["id"]},
+            headers=headers,
+        ) as response:
+            response.raise_for_status()
+        return workspace["id"]
+
+    async def usage(self, workspace_id: str) -> dict[str, Any]:
+        """This month's usage of a workspace, read through the API."""
+        async with self.http.get(
+            f"{self.base_url}/api/v1/workspaces/{workspace_id}/usage",
+            headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
+        ) as response:
+            usage: dict[str, Any] = await response.json()
+            return usage
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def callgate_process(
+    data_dir: Path, **env: str
+) -> AsyncIterator[CallgateProcess]:
+    """Run ``python -m router.cli serve`` on its embedded store until the block ends.
+
+    The server runs in its own process so it has a core to itself while the
+    peers, which cost as much CPU as Callgate, run in this one.
+    """
+    vapi = FakeVapi()
+    await vapi.start()
+    rest = FakeTwilioRest()
+    await rest.start()
+    account = new_account()
+    rest.add_account(account)
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "router.cli",
+        "serve",
+        env={
+            **os.environ,
+            "CALLGATE_PORT": str(port),
+            "CALLGATE_DATA_DIR": str(data_dir),
+            "CALLGATE_OPERATOR_KEY": OPERATOR_KEY,
+            "CALLGATE_SECRET_KEY": SECRET_KEY,
+            "CALLGATE_TWILIO_ACCOUNT_SID": account.sid,
+            "CALLGATE_TWILIO_AUTH_TOKEN": account.auth_token,
+            "CALLGATE_TWILIO_API_URL": rest.url,
+            "CALLGATE_VAPI_API_URL": vapi.api_url,
+            "CALLGATE_LOG_LEVEL": "WARNING",
+            **env,
+        },
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log: list[bytes] = []
+    async with asyncio.timeout(30):
+        while b"serving on" not in (line := await process.stderr.readline()):
+            log.append(line)
+            if not line:
+                raise RuntimeError(b"callgate did not start: " + b"".join(log))
+    # Keep reading its log so a full pipe never blocks the server.
+    drain = asyncio.create_task(process.stderr.read())
+    http = aiohttp.ClientSession()
+    twilio = TwilioSimulator(
+        http, account, f"{base_url}/twilio/voice", f"{base_url}/twilio/status"
+    )
+    try:
+        yield CallgateProcess(
+            base_url=base_url,
+            pid=process.pid,
+            http=http,
+            account=account,
+            twilio=twilio,
+            twilio_rest=rest,
+            vapi=vapi,
+        )
+    finally:
+        await twilio.close()
+        await http.close()
+        process.terminate()
+        await process.wait()
+        await drain
+        await rest.close()
+        await vapi.close()
 
 
 @asynccontextmanager
