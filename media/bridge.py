@@ -21,6 +21,7 @@ from prometheus_client import Counter
 
 from media import frames
 from media.backlog import Backlog
+from media.recording import Recorder
 from media.upstream import (
     AgentAudio,
     AgentInterrupted,
@@ -43,6 +44,8 @@ class EndReason(StrEnum):
     """Why a call ended; exactly one is recorded per call."""
 
     CALLER_HUNG_UP = "caller_hung_up"
+    # A SIP-routed call ended normally; Twilio does not say which side hung up.
+    COMPLETED = "completed"
     AGENT_HUNG_UP = "agent_hung_up"
     TRANSFERRED = "transferred"
     STREAM_LOST = "stream_lost"
@@ -88,7 +91,9 @@ class Bridge:
         transfer_numbers: frozenset[str],
         metrics: Metrics,
         log: CallLog,
+        recorder: Recorder | None = None,
     ) -> None:
+        """``recorder``, if given, gets both sides' audio as the caller heard it."""
         assert stream.start is not None
         self._twilio = twilio
         self._stream = stream
@@ -98,6 +103,7 @@ class Bridge:
         self._transfer_numbers = transfer_numbers
         self._metrics = metrics
         self._log = log
+        self._recorder = recorder
         self._to_agent = Backlog(BACKLOG_LIMIT_BYTES)
         self._to_caller = Backlog(BACKLOG_LIMIT_BYTES)
         self._inbound = metrics.frames_relayed.labels("caller_to_agent")
@@ -205,6 +211,8 @@ class Bridge:
                 except frames.StreamFrameError as exc:
                     return await self._reject(str(exc), exc.close_code)
                 if isinstance(event, frames.Media):
+                    if self._recorder is not None:
+                        self._recorder.caller(event.payload)
                     await self._queue(self._to_agent, event.payload, self._dropped_in)
                 elif isinstance(event, frames.Mark):
                     self._on_mark(event.name)
@@ -287,6 +295,8 @@ class Bridge:
                     return EndReason.STREAM_LOST
                 self._outbound.inc()
                 self._sent_bytes += len(payload)
+                if self._recorder is not None:
+                    self._recorder.agent(payload)
             if self._sent_bytes - self._bytes_at_last_mark >= MARK_EVERY_BYTES:
                 await self._send_mark()
 
@@ -318,6 +328,8 @@ class Bridge:
     async def _barge_in(self) -> None:
         """The caller talked over the agent: drop its queued audio, clear Twilio."""
         self._to_caller.clear()
+        if self._recorder is not None:
+            self._recorder.clear()
         self._interruptions += 1
         self._stale_marks_below = self._mark_serial
         if not self._twilio.closed:

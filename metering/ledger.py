@@ -57,6 +57,7 @@ class CallRecord:
     agent_played_ms: int = 0
     interruptions: int = 0
     dropped_frames: int = 0
+    recording: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,27 @@ class Ledger:
             args=[0, agent_id, number, str(at_ms), end_reason],
         )
 
+    async def settle_from_start(
+        self, workspace_id: str, call_sid: str, *, ended_at_ms: int, end_reason: str
+    ) -> None:
+        """Close a started call, metering it from its recorded start to ``ended_at_ms``.
+
+        A call that never started is closed with nothing metered.
+        """
+        record = await self.get_call(workspace_id, call_sid)
+        started = record.started_at_ms
+        metered_ms = max(0, ended_at_ms - started) if started is not None else 0
+        await self._meter(
+            keys=self._usage_keys(workspace_id, call_sid, ended_at_ms),
+            args=[
+                metered_ms,
+                record.agent_id,
+                record.to_number,
+                str(ended_at_ms),
+                end_reason,
+            ],
+        )
+
     def pipeline(self) -> redis.client.Pipeline:
         """A non-transactional pipeline for batching :meth:`queue_meter` calls."""
         return self._store.pipeline(transaction=False)
@@ -301,4 +323,5 @@ def _record(fields: dict[str, str]) -> CallRecord:
         agent_played_ms=int(fields.get("agent_played_ms", 0)),
         interruptions=int(fields.get("interruptions", 0)),
         dropped_frames=int(fields.get("dropped_frames", 0)),
+        recording=fields.get("recording") or None,
     )

@@ -41,6 +41,9 @@ class CallSession:
         return (until - self.started_ns) // 1_000_000
 
 
+_CLOSED_ELSEWHERE = -2
+
+
 class Meter:
     """Owns the live sessions of this process and the task that flushes them."""
 
@@ -89,9 +92,13 @@ class Meter:
         *,
         agent_id: str,
         number: str,
-        stream_sid: str,
-    ) -> CallSession:
-        """Start metering a call whose media just began flowing."""
+        stream_sid: str = "",
+    ) -> CallSession | None:
+        """Start metering a call that just connected (media or SIP leg).
+
+        Returns ``None`` if the call had already started, here or in another
+        process: a repeated start must not meter the same call twice.
+        """
         session = CallSession(
             workspace_id=workspace_id,
             call_sid=call_sid,
@@ -99,7 +106,7 @@ class Meter:
             number=number,
             started_ns=self._clock(),
         )
-        await self._ledger.start_call(
+        started = await self._ledger.start_call(
             workspace_id,
             call_sid,
             agent_id=agent_id,
@@ -107,10 +114,16 @@ class Meter:
             stream_sid=stream_sid,
             started_at_ms=now_ms(),
         )
+        if not started:
+            return None
         self._sessions[call_sid] = session
         self._metrics.calls_started.labels(workspace_id).inc()
         self._metrics.calls_active.labels(workspace_id).inc()
         return session
+
+    def session(self, call_sid: str) -> CallSession | None:
+        """The live session of ``call_sid`` in this process, if it has one."""
+        return self._sessions.get(call_sid)
 
     async def end(self, session: CallSession, reason: str) -> None:
         """Stop the clock and settle the call's exact duration in the store.
@@ -126,6 +139,23 @@ class Meter:
         self._metrics.calls_active.labels(session.workspace_id).dec()
         self._metrics.calls_ended.labels(session.workspace_id, reason).inc()
         await self.flush([session])
+
+    async def end_call(self, workspace_id: str, call_sid: str, reason: str) -> None:
+        """End a call whose end was reported to this process, wherever it began.
+
+        A SIP call's callbacks may reach any process. If this one holds the
+        session it ends it; otherwise it settles the record from its start
+        time on the server clock, and the process holding the session drops it
+        at its next flush.
+        """
+        session = self._sessions.get(call_sid)
+        if session is not None:
+            await self.end(session, reason)
+            return
+        await self._ledger.settle_from_start(
+            workspace_id, call_sid, ended_at_ms=now_ms(), end_reason=reason
+        )
+        self._metrics.calls_ended.labels(workspace_id, reason).inc()
 
     async def flush(self, sessions: list[CallSession] | None = None) -> None:
         """Report ``sessions`` (default: every pending one) in one pipeline."""
@@ -188,8 +218,20 @@ class Meter:
                 "meter report for call %s failed: %s", session.call_sid, result
             )
             return
+        if result == _CLOSED_ELSEWHERE:
+            # Another process settled this call (a SIP call's completed
+            # callback can land anywhere); this session has nothing to add.
+            self._forget(session)
+            return
         if isinstance(result, int) and result > 0:
             self._metrics.call_seconds.labels(session.workspace_id).inc(result / 1000)
         session.reported_ms = max(session.reported_ms, total)
         if finished:
             self._sessions.pop(session.call_sid, None)
+
+    def _forget(self, session: CallSession) -> None:
+        if self._sessions.pop(session.call_sid, None) is not None and (
+            session.ended_ns is None
+        ):
+            session.ended_ns = self._clock()
+            self._metrics.calls_active.labels(session.workspace_id).dec()

@@ -15,11 +15,12 @@ import redis.asyncio as redis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from media.retell import RetellClient
 from media.vapi import VapiClient
 from metering.ledger import Ledger
 from metering.meter import Meter
 from metering.metrics import Metrics
-from router import stream, webhooks
+from router import sip, stream, webhooks
 from router.access import AccessLogger
 from router.settings import Settings
 from router.signatures import TwilioSigner
@@ -73,15 +74,15 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[api.WORKSPACES] = workspaces
     app[api.NUMBERS] = numbers
     app[api.LEDGER] = ledger
-    app[webhooks.ROUTER_NUMBERS] = numbers
-    app[webhooks.ROUTER_LEDGER] = ledger
     app[webhooks.TOKENS] = StreamTokens(
         settings.secret_key, store, settings.stream_token_ttl_secs
     )
-    app[stream.STREAM_WORKSPACES] = workspaces
     app[stream.METER] = meter
     app[stream.VAPI] = VapiClient(
         http, settings.vapi_api_url, settings.upstream_timeout_secs
+    )
+    app[webhooks.RETELL] = RetellClient(
+        http, settings.retell_api_url, settings.upstream_timeout_secs
     )
     app[stream.TWILIO_API] = TwilioApi(
         http, settings.twilio_api_url, twilio_tokens(settings)
@@ -186,5 +187,7 @@ def create_app(
     app.router.add_post("/twilio/voice", webhooks.voice)
     app.router.add_post("/twilio/status", webhooks.status)
     app.router.add_get(webhooks.STREAM_PATH + "{token}", stream.stream)
+    app.router.add_post(webhooks.SIP_STATUS_PATH + "{workspace_id}", sip.sip_status)
+    app.router.add_post(webhooks.DIAL_ACTION_PATH + "{workspace_id}", sip.dial_action)
     api.add_routes(app)
     return app

@@ -40,11 +40,7 @@ class TwilioCallControl:
 
     async def fall_back(self) -> bool:
         """Dial the workspace's fallback number, or say its fallback message."""
-        if self._policy.fallback_number:
-            document = twiml.dial(self._policy.fallback_number)
-        else:
-            document = twiml.say_and_hang_up(self._policy.fallback_message)
-        accepted = await self._redirect(document, "fallback")
+        accepted = await self._redirect(twiml.fallback(self._policy), "fallback")
         self._metrics.fallbacks.labels("done" if accepted else "failed").inc()
         return accepted
 

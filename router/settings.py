@@ -117,7 +117,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         flush_interval_ms=_integer(env, "CALLGATE_FLUSH_INTERVAL_MS", 1000, 100, 10000),
         upstream_timeout_secs=_integer(
-            env, "CALLGATE_UPSTREAM_TIMEOUT_MS", 5000, 100, 60000
+            env, "CALLGATE_UPSTREAM_TIMEOUT_MS", 3000, 100, 60000
         )
         / 1000,
         store_timeout_secs=_integer(env, "CALLGATE_STORE_TIMEOUT_MS", 1000, 50, 30000)

@@ -10,18 +10,21 @@ metering, the bridge, and exactly one end reason.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import redis.asyncio as redis
 from aiohttp import WSMsgType, web
 
 from media import frames
 from media.bridge import Bridge, BridgeResult, EndReason
+from media.recording import Recorder
 from media.vapi import VapiClient
 from metering.meter import CallSession, Meter
 from router.control import TwilioCallControl
 from router.tokens import StreamClaims
 from router.twilio_api import TwilioApi
-from router.webhooks import METRICS, ROUTER_LEDGER, SETTINGS, SIGNER, TOKENS
+from router.webhooks import METRICS, SETTINGS, SIGNER, TOKENS
+from tenancy import api
 from tenancy.errors import (
     SealError,
     SignatureError,
@@ -31,11 +34,10 @@ from tenancy.errors import (
 )
 from tenancy.logs import CallLog, call_logger, media_logger
 from tenancy.problems import problem
-from tenancy.workspaces import Workspaces, now_ms
+from tenancy.workspaces import now_ms
 
 METER = web.AppKey("meter", Meter)
 VAPI = web.AppKey("vapi", VapiClient)
-STREAM_WORKSPACES = web.AppKey("stream_workspaces", Workspaces)
 LIVE_CALLS: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("live_calls")
 TWILIO_API = web.AppKey("twilio_api", TwilioApi)
 
@@ -160,7 +162,7 @@ async def _run_call(
     if start is None:
         reason = EndReason.PROTOCOL_ERROR
         try:
-            await app[ROUTER_LEDGER].close_call(
+            await app[api.LEDGER].close_call(
                 workspace_id,
                 claims.call_sid,
                 agent_id=claims.agent_id,
@@ -182,6 +184,8 @@ async def _run_call(
             stream_sid=start.stream_sid,
         )
     except (StoreError, redis.RedisError, LookupError):
+        session = None
+    if session is None:
         # Without a meter the call cannot be billed, so it is not carried.
         log.error("cannot start metering; ending the call", exc_info=True)
         await socket.close(code=frames.CLOSE_NORMAL)
@@ -217,9 +221,7 @@ async def _record(
     if result.transferred_to:
         fields["transferred_to"] = result.transferred_to
     try:
-        await app[ROUTER_LEDGER].set_fields(
-            session.workspace_id, session.call_sid, fields
-        )
+        await app[api.LEDGER].set_fields(session.workspace_id, session.call_sid, fields)
     except redis.RedisError:
         log.warning("could not record the bridge's figures", exc_info=True)
 
@@ -233,7 +235,7 @@ async def _bridge(
     log: CallLog,
 ) -> BridgeResult:
     """Open the agent's call and relay audio until one side ends."""
-    workspaces = app[STREAM_WORKSPACES]
+    workspaces = app[api.WORKSPACES]
     metrics = app[METRICS]
     workspace = await workspaces.get(session.workspace_id)
     control = TwilioCallControl(
@@ -266,13 +268,16 @@ async def _bridge(
         return await _fall_back(socket, control)
 
     try:
-        await app[ROUTER_LEDGER].set_fields(
+        await app[api.LEDGER].set_fields(
             session.workspace_id,
             session.call_sid,
             {"provider": upstream.provider, "provider_call_id": upstream.call_id},
         )
     except redis.RedisError:
         log.warning("could not record the provider call id", exc_info=True)
+    recorder = None
+    if workspace.policy.recording:
+        recorder = Recorder(recording_path(app, session.workspace_id, session.call_sid))
     bridge = Bridge(
         socket,
         state,
@@ -281,8 +286,33 @@ async def _bridge(
         frozenset(workspace.policy.transfer_numbers),
         metrics,
         log,
+        recorder,
     )
-    return await bridge.run()
+    try:
+        return await bridge.run()
+    finally:
+        if recorder is not None:
+            await _finish_recording(app, session, recorder, log)
+
+
+def recording_path(app: web.Application, workspace_id: str, call_sid: str) -> Path:
+    """Where a call's recording lives: under its workspace's own directory."""
+    directory = app[SETTINGS].data_dir / "workspaces" / workspace_id / "recordings"
+    return directory / f"{call_sid}.wav"
+
+
+async def _finish_recording(
+    app: web.Application, session: CallSession, recorder: Recorder, log: CallLog
+) -> None:
+    try:
+        path = await recorder.close()
+        await app[api.LEDGER].set_fields(
+            session.workspace_id,
+            session.call_sid,
+            {"recording": f"recordings/{path.name}"},
+        )
+    except (OSError, redis.RedisError):
+        log.error("could not finish the call's recording", exc_info=True)
 
 
 async def _fall_back(

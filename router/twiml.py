@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from twilio.twiml.voice_response import VoiceResponse
 
+from tenancy.workspaces import CallPolicy
+
 UNAVAILABLE_MESSAGE = (
     "Sorry, this line is temporarily unavailable. Please try again later. Goodbye."
 )
@@ -36,6 +38,13 @@ def dial(number: str) -> str:
     return str(response)
 
 
+def fallback(policy: CallPolicy) -> str:
+    """Where a call goes when its agent platform fails: a number, or a message."""
+    if policy.fallback_number:
+        return dial(policy.fallback_number)
+    return say_and_hang_up(policy.fallback_message)
+
+
 def connect_stream(url: str, parameters: dict[str, str]) -> str:
     """``<Connect><Stream>`` to ``url``, with nothing after ``</Connect>``.
 
@@ -45,4 +54,30 @@ def connect_stream(url: str, parameters: dict[str, str]) -> str:
     stream = response.connect().stream(url=url)
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)
+    return str(response)
+
+
+def hang_up() -> str:
+    """End the call."""
+    response = VoiceResponse()
+    response.hangup()
+    return str(response)
+
+
+def dial_sip(
+    uri: str, *, time_limit_secs: int, action_url: str, status_url: str
+) -> str:
+    """``<Dial>`` a SIP URI, reporting the leg's progress to ``status_url``.
+
+    ``timeLimit`` caps the dialled leg; ``action_url`` is asked for the next
+    TwiML when the leg ends, which is where a failed leg gets the fallback.
+    """
+    response = VoiceResponse()
+    dial = response.dial(time_limit=time_limit_secs, action=action_url, method="POST")
+    dial.sip(
+        uri,
+        status_callback_event="initiated ringing answered completed",
+        status_callback=status_url,
+        status_callback_method="POST",
+    )
     return str(response)

@@ -13,16 +13,23 @@ import redis.asyncio as redis
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from metering.ledger import CallNotFoundError, Ledger
+from media.retell import RetellClient, sip_uri
+from metering.ledger import CallNotFoundError
 from metering.metrics import Metrics
 from router import twiml
 from router.settings import Settings
 from router.signatures import TwilioSigner
 from router.tokens import StreamTokens
-from tenancy import keyspace
-from tenancy.errors import SignatureError, StoreError, UnknownNumberError
+from tenancy import api, keyspace
+from tenancy.errors import (
+    SealError,
+    SignatureError,
+    StoreError,
+    UnknownNumberError,
+    UpstreamError,
+)
 from tenancy.logs import router_logger
-from tenancy.numbers import Numbers
+from tenancy.numbers import Route
 from tenancy.problems import problem
 from tenancy.workspaces import now_ms
 
@@ -30,17 +37,21 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SIGNER = web.AppKey("signer", TwilioSigner)
 TOKENS = web.AppKey("tokens", StreamTokens)
-ROUTER_NUMBERS = web.AppKey("router_numbers", Numbers)
-ROUTER_LEDGER = web.AppKey("router_ledger", Ledger)
+
+RETELL = web.AppKey("retell", RetellClient)
 
 STREAM_PATH = "/twilio/stream/"
+SIP_STATUS_PATH = "/twilio/sip-status/"
+DIAL_ACTION_PATH = "/twilio/dial-action/"
+# The longest a SIP-routed call may last, as Twilio's <Dial timeLimit> (4 h).
+MAX_CALL_SECS = 4 * 3600
 
 
-def _twiml(document: str) -> web.Response:
+def twiml_response(document: str) -> web.Response:
     return web.Response(text=document, content_type="text/xml")
 
 
-async def _signed_form(request: web.Request, endpoint: str) -> MultiDictProxy[Any]:
+async def signed_form(request: web.Request, endpoint: str) -> MultiDictProxy[Any]:
     """The request's form fields, after its Twilio signature has been checked."""
     form = await request.post()
     url = request.app[SETTINGS].public_url + request.raw_path
@@ -59,11 +70,11 @@ async def _signed_form(request: web.Request, endpoint: str) -> MultiDictProxy[An
     return form
 
 
-def _forbidden() -> web.Response:
+def forbidden() -> web.Response:
     return problem(403, "bad-signature", "Forbidden", "invalid Twilio signature")
 
 
-def _field(form: MultiDictProxy[Any], name: str) -> str:
+def field(form: MultiDictProxy[Any], name: str) -> str:
     value = form.get(name)
     return value if isinstance(value, str) else ""
 
@@ -71,41 +82,41 @@ def _field(form: MultiDictProxy[Any], name: str) -> str:
 async def voice(request: web.Request) -> web.Response:
     """``POST /twilio/voice``: route an inbound call to its workspace's agent."""
     try:
-        form = await _signed_form(request, "voice")
+        form = await signed_form(request, "voice")
     except SignatureError:
-        return _forbidden()
+        return forbidden()
     count = request.app[METRICS].webhooks
-    call_sid = _field(form, "CallSid")
-    to = _field(form, "To")
-    account_sid = _field(form, "AccountSid")
+    call_sid = field(form, "CallSid")
+    to = field(form, "To")
+    account_sid = field(form, "AccountSid")
     if not keyspace.CALL_SID.fullmatch(call_sid):
         count.labels("voice", "malformed").inc()
         return problem(400, "malformed-webhook", "Bad Request", "CallSid is malformed")
 
     try:
-        route = await request.app[ROUTER_NUMBERS].resolve(to)
+        route = await request.app[api.NUMBERS].resolve(to)
     except UnknownNumberError:
         count.labels("voice", "unknown_number").inc()
-        return _twiml(twiml.reject())
+        return twiml_response(twiml.reject())
     except (StoreError, redis.RedisError):
         count.labels("voice", "store_unavailable").inc()
         router_logger.error("cannot route call: store unavailable", exc_info=True)
-        return _twiml(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
+        return twiml_response(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
     # A number recorded under a specific Twilio account only takes calls
     # signed by that account; another account's webhook for it is not ours.
     if route.number.twilio_account_sid not in (None, account_sid):
         count.labels("voice", "unknown_number").inc()
-        return _twiml(twiml.reject())
+        return twiml_response(twiml.reject())
     if route.workspace.status != "active":
         count.labels("voice", "suspended").inc()
-        return _twiml(twiml.say_and_hang_up(twiml.NOT_IN_SERVICE_MESSAGE))
+        return twiml_response(twiml.say_and_hang_up(twiml.NOT_IN_SERVICE_MESSAGE))
 
     try:
-        await request.app[ROUTER_LEDGER].open_call(
+        await request.app[api.LEDGER].open_call(
             route.workspace.id,
             call_sid,
             agent_id=route.agent.id,
-            from_number=_field(form, "From"),
+            from_number=field(form, "From"),
             to_number=to,
             arrived_at_ms=now_ms(),
         )
@@ -119,24 +130,88 @@ async def voice(request: web.Request) -> web.Response:
     except (StoreError, redis.RedisError):
         count.labels("voice", "store_unavailable").inc()
         router_logger.error("cannot route call: store unavailable", exc_info=True)
-        return _twiml(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
+        return twiml_response(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
 
+    if route.agent.provider == "retell":
+        return await _route_to_retell(request, route, call_sid, field(form, "From"))
     count.labels("voice", "routed").inc()
     url = request.app[SETTINGS].stream_base_url + STREAM_PATH + token
     parameters = {"workspace": route.workspace.id, "agent": route.agent.id}
-    return _twiml(twiml.connect_stream(url, parameters))
+    return twiml_response(twiml.connect_stream(url, parameters))
+
+
+async def _route_to_retell(
+    request: web.Request, route: Route, call_sid: str, from_number: str
+) -> web.Response:
+    """Register the call with Retell and dial its SIP URI; no media via Callgate.
+
+    Metering follows the SIP leg's call-progress callbacks (router.sip).
+    """
+    app = request.app
+    workspace = route.workspace
+    try:
+        api_key = await app[api.WORKSPACES].agent_api_key(workspace.id, route.agent.id)
+        call_id = await app[RETELL].register(
+            api_key=api_key,
+            agent_id=route.agent.assistant_id,
+            from_number=from_number,
+            to_number=route.number.e164,
+            metadata={
+                "callgate_workspace_id": workspace.id,
+                "twilio_call_sid": call_sid,
+            },
+        )
+        await app[api.LEDGER].set_fields(
+            workspace.id, call_sid, {"provider": "retell", "provider_call_id": call_id}
+        )
+    except UpstreamError as exc:
+        app[METRICS].upstream_errors.labels("retell", "connect").inc()
+        router_logger.warning("retell refused call %s: %s", call_sid, exc)
+        await _close_unconnected(app, workspace.id, route, call_sid)
+        app[METRICS].fallbacks.labels("done").inc()
+        return twiml_response(twiml.fallback(workspace.policy))
+    except (SealError, StoreError, redis.RedisError):
+        app[METRICS].webhooks.labels("voice", "store_unavailable").inc()
+        router_logger.error("cannot route call to retell", exc_info=True)
+        return twiml_response(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
+
+    app[METRICS].webhooks.labels("voice", "routed").inc()
+    base = app[SETTINGS].public_url
+    document = twiml.dial_sip(
+        sip_uri(call_id),
+        time_limit_secs=MAX_CALL_SECS,
+        action_url=base + DIAL_ACTION_PATH + workspace.id,
+        status_url=base + SIP_STATUS_PATH + workspace.id,
+    )
+    return twiml_response(document)
+
+
+async def _close_unconnected(
+    app: web.Application, workspace_id: str, route: Route, call_sid: str
+) -> None:
+    try:
+        await app[api.LEDGER].close_call(
+            workspace_id,
+            call_sid,
+            agent_id=route.agent.id,
+            number=route.number.e164,
+            at_ms=now_ms(),
+            end_reason="upstream_failed",
+        )
+    except redis.RedisError:
+        router_logger.warning("could not close call %s", call_sid, exc_info=True)
 
 
 async def status(request: web.Request) -> web.Response:
     """``POST /twilio/status``: store Twilio's status and duration on the record."""
     try:
-        form = await _signed_form(request, "status")
+        form = await signed_form(request, "status")
     except SignatureError:
-        return _forbidden()
+        return forbidden()
     count = request.app[METRICS].webhooks
-    call_sid = _field(form, "CallSid")
-    duration = _field(form, "CallDuration")
-    sequence = _field(form, "SequenceNumber") or "0"
+    call_sid = field(form, "CallSid")
+    duration = field(form, "CallDuration")
+    sequence = field(form, "SequenceNumber") or "0"
     if (
         not keyspace.CALL_SID.fullmatch(call_sid)
         or not sequence.isdigit()
@@ -145,15 +220,15 @@ async def status(request: web.Request) -> web.Response:
         count.labels("status", "malformed").inc()
         return problem(400, "malformed-webhook", "Bad Request", "malformed callback")
 
-    workspace_id = await request.app[ROUTER_NUMBERS].owner(_field(form, "To"))
+    workspace_id = await request.app[api.NUMBERS].owner(field(form, "To"))
     if workspace_id is None:
         count.labels("status", "unknown_call").inc()
         return web.Response(status=204)
     try:
-        applied = await request.app[ROUTER_LEDGER].record_twilio_status(
+        applied = await request.app[api.LEDGER].record_twilio_status(
             workspace_id,
             call_sid,
-            status=_field(form, "CallStatus"),
+            status=field(form, "CallStatus"),
             call_duration_secs=int(duration) if duration else None,
             sequence=int(sequence),
         )

@@ -95,7 +95,7 @@ class CreateAgent(_Body):
     """Body of ``POST /workspaces/{id}/agents``; ``api_key`` is write-only."""
 
     name: Annotated[str, Field(min_length=1, max_length=100)]
-    provider: Literal["vapi"]
+    provider: Literal["vapi", "retell"]
     assistant_id: Annotated[str, Field(min_length=1, max_length=200)]
     api_key: Annotated[str, Field(min_length=1, max_length=500)]
     audio_format: Literal["mulaw", "pcm16"] = "mulaw"

@@ -17,8 +17,8 @@ from tenancy.errors import AgentNotFoundError, WorkspaceNotFoundError
 from tenancy.replies import HashFields, text_map, texts
 from tenancy.vault import Vault
 
-Provider = Literal["vapi"]
-PROVIDERS: tuple[Provider, ...] = ("vapi",)
+Provider = Literal["vapi", "retell"]
+PROVIDERS: tuple[Provider, ...] = ("vapi", "retell")
 # What the agent platform is sent: Twilio's µ-law 8 kHz as is, or PCM16 16 kHz.
 AudioFormat = Literal["mulaw", "pcm16"]
 
@@ -61,7 +61,11 @@ class Workspace:
 
 @dataclass(frozen=True, slots=True)
 class Agent:
-    """An agent on a provider platform that a workspace's numbers route to."""
+    """An agent on a provider platform that a workspace's numbers route to.
+
+    ``assistant_id`` is the platform's own id: a Vapi assistant id, or a
+    Retell agent id. ``audio_format`` applies to media-path (Vapi) agents.
+    """
 
     id: str
     workspace_id: str
@@ -249,7 +253,7 @@ def _agent(fields: dict[str, str]) -> Agent:
         id=fields["id"],
         workspace_id=fields["workspace_id"],
         name=fields["name"],
-        provider="vapi",
+        provider="retell" if fields["provider"] == "retell" else "vapi",
         assistant_id=fields["assistant_id"],
         created_at_ms=int(fields["created_at_ms"]),
         audio_format="pcm16" if fields.get("audio_format") == "pcm16" else "mulaw",

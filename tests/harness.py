@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from router import stream
 from router.app import create_app, runner, shut_down
 from router.settings import Settings, load
+from tests.peers.retell import FakeRetell
 from tests.peers.twilio import (
     FakeTwilioRest,
     SimulatedCall,
@@ -39,7 +40,7 @@ class Tenant:
     workspace_id: str
     agent_id: str
     number: str
-    vapi_key: str
+    api_key: str
     assistant_id: str
 
 
@@ -57,6 +58,7 @@ class Harness:
     vapi: FakeVapi
     registry: CollectorRegistry
     runner: web.AppRunner
+    retell: FakeRetell
 
     async def api(
         self, method: str, path: str, body: Any = None, key: str = OPERATOR_KEY
@@ -71,22 +73,27 @@ class Harness:
             return response.status, await response.json(content_type=None)
 
     async def tenant(
-        self, name: str, number: str, audio_format: str = "mulaw"
+        self,
+        name: str,
+        number: str,
+        audio_format: str = "mulaw",
+        provider: str = "vapi",
     ) -> Tenant:
-        """Create a workspace with a Vapi agent of its own and attach ``number``."""
+        """Create a workspace with an agent of its own and attach ``number``."""
         status, workspace = await self.api("POST", "/workspaces", {"name": name})
         assert status == 201, workspace
-        vapi_key = f"vapi-key-{name}-" + workspace["id"][-6:]
-        assistant_id = f"assistant-{name}"
-        self.vapi.add_key(vapi_key)
+        api_key = f"{provider}-key-{name}-" + workspace["id"][-6:]
+        assistant_id = f"{provider}-agent-{name}"
+        platform = self.retell if provider == "retell" else self.vapi
+        platform.add_key(api_key)
         status, agent = await self.api(
             "POST",
             f"/workspaces/{workspace['id']}/agents",
             {
                 "name": f"{name} receptionist",
-                "provider": "vapi",
+                "provider": provider,
                 "assistant_id": assistant_id,
-                "api_key": vapi_key,
+                "api_key": api_key,
                 "audio_format": audio_format,
             },
         )
@@ -97,7 +104,7 @@ class Harness:
             {"number": number, "agent_id": agent["id"]},
         )
         assert status == 201, attached
-        return Tenant(workspace["id"], agent["id"], number, vapi_key, assistant_id)
+        return Tenant(workspace["id"], agent["id"], number, api_key, assistant_id)
 
     async def place(self, to: str, from_: str) -> SimulatedCall:
         """Place a call that Twilio's REST API (the fake) can act on."""
@@ -290,6 +297,8 @@ async def running_callgate(
     """Start Callgate and its peers; stop them all afterwards."""
     vapi = FakeVapi()
     await vapi.start()
+    retell = FakeRetell()
+    await retell.start()
     rest = FakeTwilioRest()
     await rest.start()
     account = new_account()
@@ -312,6 +321,7 @@ async def running_callgate(
             "CALLGATE_TWILIO_AUTH_TOKEN": account.auth_token,
             "CALLGATE_TWILIO_API_URL": rest.url,
             "CALLGATE_VAPI_API_URL": vapi.api_url,
+            "CALLGATE_RETELL_API_URL": retell.api_url,
             **env,
         }
     )
@@ -322,7 +332,12 @@ async def running_callgate(
     await web.SockSite(app_runner, listener).start()
     http = aiohttp.ClientSession()
     twilio = TwilioSimulator(
-        http, account, f"{base_url}/twilio/voice", f"{base_url}/twilio/status"
+        http,
+        account,
+        f"{base_url}/twilio/voice",
+        f"{base_url}/twilio/status",
+        sip_endpoint=retell,
+        rest=rest,
     )
     try:
         yield Harness(
@@ -336,10 +351,12 @@ async def running_callgate(
             vapi=vapi,
             registry=registry,
             runner=app_runner,
+            retell=retell,
         )
     finally:
         await twilio.close()
         await http.close()
         await shut_down(app_runner)
         await rest.close()
+        await retell.close()
         await vapi.close()

@@ -8,9 +8,14 @@
 --
 -- Reports carry totals, not increments: only the part above what the record
 -- already holds is added, so a retried or reordered report changes nothing.
--- Returns the milliseconds added by this call.
+-- Returns the milliseconds added by this call; -1 if there is no record, and
+-- -2 for a live report on a call that was already closed (by another process
+-- that settled it), which must add nothing.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return -1
+end
+if ARGV[4] == '' and redis.call('HGET', KEYS[1], 'status') == 'completed' then
+  return -2
 end
 local previous = tonumber(redis.call('HGET', KEYS[1], 'metered_ms') or '0')
 local total = tonumber(ARGV[1])

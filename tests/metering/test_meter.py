@@ -66,13 +66,15 @@ class Rig:
             to_number=NUMBER,
             arrived_at_ms=now_ms(),
         )
-        return await self.meter.begin(
+        session = await self.meter.begin(
             self.workspace,
             call_sid,
             agent_id=self.agent,
             number=NUMBER,
             stream_sid=STREAM,
         )
+        assert session is not None
+        return session
 
     def flushes(self, outcome: str) -> float | None:
         """How many batched writes ended with ``outcome``."""

@@ -1,1 +1,1 @@
-"""Protocol peers that play Twilio and Vapi against Callgate in integration tests."""
+"""Protocol peers that play Twilio, Vapi and Retell against Callgate in tests."""

@@ -3,10 +3,19 @@
 PeerError
 ├── PeerTimeoutError      (also a TimeoutError) a bounded wait ran out
 ├── PeerStateError        an operation does not fit the peer's current state
-└── StreamRejected        the server refused the media stream WebSocket upgrade
+├── StreamRejected        the server refused the media stream WebSocket upgrade
+├── TwimlError            the server's TwiML asks for something Twilio refuses
+└── DialRefusedError      the far end refused a dialed leg before it could ring
 """
 
-__all__ = ["PeerError", "PeerStateError", "PeerTimeoutError", "StreamRejected"]
+__all__ = [
+    "DialRefusedError",
+    "PeerError",
+    "PeerStateError",
+    "PeerTimeoutError",
+    "StreamRejected",
+    "TwimlError",
+]
 
 
 class PeerError(Exception):
@@ -36,3 +45,16 @@ class StreamRejected(PeerError):  # noqa: N818
     def __init__(self, status_code: int) -> None:
         super().__init__(f"stream upgrade rejected with http {status_code}")
         self.status_code = status_code
+
+
+class TwimlError(PeerError):
+    """A TwiML element Twilio would refuse, or one the simulator cannot play."""
+
+
+class DialRefusedError(PeerError):
+    """The dialed party answered the INVITE with a final failure, e.g. SIP 404."""
+
+    def __init__(self, target: str, sip_response_code: int) -> None:
+        super().__init__(f"dial to {target} refused with sip {sip_response_code}")
+        self.target = target
+        self.sip_response_code = sip_response_code

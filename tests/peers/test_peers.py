@@ -15,8 +15,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from .audio import mulaw_decode, mulaw_encode, split_frames, tone_mulaw
-from .errors import PeerStateError, StreamRejected
+from .errors import DialRefusedError, PeerStateError, StreamRejected, TwimlError
 from .playback import PlaybackClock
+from .retell import FakeRetell
+from .sip import parse_sip_uri
 from .twilio import (
     FakeTwilioRest,
     SimulatedCall,
@@ -26,6 +28,7 @@ from .twilio import (
     new_call_sid,
     sign,
 )
+from .twiml import parse_dial, parse_twiml
 from .vapi import FakeVapi
 
 TIMEOUT_SECS = 2.0
@@ -122,6 +125,54 @@ class StandIn:
         return await asyncio.wait_for(self.streams.get(), TIMEOUT_SECS)
 
 
+class DialStandIn:
+    """A Callgate stand-in for dialed legs: answers <Dial>, records every request.
+
+    Each request is checked against the account's token, then recorded in
+    arrival order with whether its signature held; forged ones get 403.
+    """
+
+    def __init__(self, account: TwilioAccount) -> None:
+        self.account = account
+        self.twiml = "<Response/>"
+        self.after_dial = "<Response><Say>Goodbye.</Say><Hangup/></Response>"
+        self.requests: list[tuple[str, dict[str, str], bool]] = []
+        self._runner: web.AppRunner | None = None
+        self.base = ""
+
+    def url(self, path: str) -> str:
+        return f"http://{self.base}{path}"
+
+    def forms(self, path: str) -> list[dict[str, str]]:
+        return [form for seen, form, _ in self.requests if seen == path]
+
+    async def start(self) -> None:
+        app = web.Application()
+        for path in ("/voice", "/dial-status", "/dial-action"):
+            app.router.add_post(path, self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.base = f"127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        validator = RequestValidator(self.account.auth_token)
+        header = request.headers.get("X-Twilio-Signature", "")
+        valid = bool(validator.validate(self.url(request.path_qs), form, header))
+        self.requests.append((request.path, form, valid))
+        if not valid:
+            return web.Response(status=403)
+        if request.path == "/dial-status":
+            return web.Response(status=204)
+        twiml = self.twiml if request.path == "/voice" else self.after_dial
+        return web.Response(text=twiml, content_type="text/xml")
+
+
 def basic_auth(account: TwilioAccount) -> dict[str, str]:
     token = f"{account.sid}:{account.auth_token}".encode()
     return {"Authorization": "Basic " + base64.b64encode(token).decode()}
@@ -171,6 +222,38 @@ async def vapi() -> AsyncIterator[FakeVapi]:
     await fake.start()
     yield fake
     await fake.close()
+
+
+@pytest.fixture
+async def retell() -> AsyncIterator[FakeRetell]:
+    fake = FakeRetell()
+    fake.add_key("retell-key")
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+async def dial_stand_in() -> AsyncIterator[DialStandIn]:
+    server = DialStandIn(new_account())
+    await server.start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def dial_simulator(
+    session: aiohttp.ClientSession, dial_stand_in: DialStandIn, retell: FakeRetell
+) -> AsyncIterator[TwilioSimulator]:
+    sim = TwilioSimulator(
+        session,
+        dial_stand_in.account,
+        dial_stand_in.url("/voice"),
+        dial_stand_in.url("/status"),
+        sip_endpoint=retell,
+    )
+    yield sim
+    await sim.close()
 
 
 @pytest.fixture
@@ -236,6 +319,42 @@ def test_playback_clock_releases_marks_when_played() -> None:
     clock.add_mark("b", now=12.0)
     assert clock.clear(12.2) == ["b"]
     assert clock.queued_secs(12.2) == 0.0
+
+
+def test_parse_sip_uri_reads_retell_target() -> None:
+    """A Retell SIP URI splits into call id, host and transport; junk is None."""
+    uri = parse_sip_uri("sip:abc123@SIP.retellai.com;transport=tcp")
+    assert uri is not None
+    assert (uri.user, uri.host, uri.port) == ("abc123", "sip.retellai.com", None)
+    assert uri.param("Transport") == "tcp"
+    assert parse_sip_uri("sip:sip.retellai.com") is None
+    assert parse_sip_uri("tel:+14155551212") is None
+    assert parse_sip_uri("sip:a@host:99999") is None
+
+
+def test_parse_dial_fills_defaults_and_refuses_mixed_nouns() -> None:
+    """Defaults apply, a bad timeLimit only warns, and <Sip> must stand alone."""
+    root = parse_twiml(
+        '<Response><Dial timeLimit="soon" action="next">'
+        '<Number statusCallback="/s">+14155550100</Number></Dial></Response>'
+    )
+    assert root is not None
+    spec = parse_dial(root[0], "https://cg.example.com/twilio/voice")
+    assert (spec.kind, spec.time_limit_secs, spec.ring_timeout_secs) == (
+        "number",
+        14400,
+        30,
+    )
+    assert spec.action_url == "https://cg.example.com/twilio/next"
+    assert spec.status_callback_url == "https://cg.example.com/s"
+    assert spec.status_callback_events == frozenset({"completed"})
+    assert spec.warnings[0].startswith("13216")
+    mixed = parse_twiml(
+        "<Dial><Sip>sip:a@b.example.com</Sip><Number>+14155550100</Number></Dial>"
+    )
+    assert mixed is not None
+    with pytest.raises(TwimlError):
+        parse_dial(mixed)
 
 
 async def test_simulated_call_speaks_media_streams(
@@ -503,6 +622,268 @@ async def test_fake_twilio_rest_redirect_ends_stream(
     assert (await stream.next())["event"] == "stop"
     await call.wait_closed(TIMEOUT_SECS)
     assert call.redirected_twiml == twiml
+    assert call.spoken == ["Out of minutes."]
     assert call.status == "completed"
     with pytest.raises(PeerStateError):
         await call.wait_for_audio(1, TIMEOUT_SECS)
+
+
+RETELL_AUTH = {"Authorization": "Bearer retell-key"}
+REGISTER_BODY: dict[str, Any] = {
+    "agent_id": "agent_1",
+    "agent_version": 3,
+    "direction": "inbound",
+    "from_number": "+14155551212",
+    "to_number": "+15005550006",
+    "metadata": {"workspace": "w_1"},
+    "retell_llm_dynamic_variables": {"caller_name": "Ada"},
+}
+
+
+async def register_retell_call(
+    retell: FakeRetell, session: aiohttp.ClientSession
+) -> str:
+    url = f"{retell.api_url}/v2/register-phone-call"
+    async with session.post(url, json=REGISTER_BODY, headers=RETELL_AUTH) as r:
+        assert r.status == 201
+        call_id: str = (await r.json())["call_id"]
+    return call_id
+
+
+def sip_dial_twiml(stand_in: DialStandIn, sip_uri: str, time_limit: int = 1) -> str:
+    # A relative action, so the simulator must resolve it against /voice.
+    return (
+        f'<Response><Dial timeLimit="{time_limit}" action="/dial-action">'
+        '<Sip statusCallbackEvent="initiated ringing answered completed" '
+        f'statusCallback="{stand_in.url("/dial-status")}">{sip_uri}</Sip>'
+        "</Dial></Response>"
+    )
+
+
+async def test_fake_retell_registers_phone_call(
+    retell: FakeRetell, session: aiohttp.ClientSession
+) -> None:
+    """A registered key gets 201 and a call id that SIP admits for 5 minutes."""
+    url = f"{retell.api_url}/v2/register-phone-call"
+    async with session.post(url, json=REGISTER_BODY, headers=RETELL_AUTH) as r:
+        assert r.status == 201
+        created = await r.json()
+    call_id = created["call_id"]
+    assert len(call_id) == 32
+    assert created["call_type"] == "phone_call"
+    assert created["call_status"] == "registered"
+    assert created["agent_version"] == 3
+    assert created["metadata"] == {"workspace": "w_1"}
+    assert created["retell_llm_dynamic_variables"] == {"caller_name": "Ada"}
+    assert "start_timestamp" not in created
+    assert "telephony_identifier" not in created
+
+    registration = await retell.wait_for_registration(TIMEOUT_SECS)
+    assert registration.call_id == call_id
+    assert registration.api_key == "retell-key"
+    assert registration.request_json == REGISTER_BODY
+    assert retell.accepts(retell.sip_uri(call_id))
+    assert not retell.accepts(f"sip:{call_id}@elsewhere.example.com")
+    assert not retell.expired(call_id, registration.registered_at + 299.9)
+    assert retell.expired(call_id, registration.registered_at + 300.0)
+
+
+async def test_fake_retell_refuses_bad_key_and_body(
+    retell: FakeRetell, session: aiohttp.ClientSession
+) -> None:
+    """An unknown key gets 401, a bad body a 400 naming each problem."""
+    url = f"{retell.api_url}/v2/register-phone-call"
+    wrong = {"Authorization": "Bearer nope"}
+    async with session.post(url, json=REGISTER_BODY, headers=wrong) as r:
+        assert r.status == 401
+    bad = {
+        "agent_version": True,
+        "direction": "sideways",
+        "to_number": "5550006",
+        "retell_llm_dynamic_variables": {"n": 1},
+        "agentId": "a",
+    }
+    async with session.post(url, json=bad, headers=RETELL_AUTH) as r:
+        assert r.status == 400
+        message = (await r.json())["message"]
+    for problem in (
+        "unknown field agentId",
+        "agent_id must be a non-empty string",
+        "agent_version must be a non-negative integer",
+        "direction must be inbound or outbound",
+        "to_number must be an E.164 number",
+        "retell_llm_dynamic_variables must map strings to strings",
+    ):
+        assert problem in message
+    retell.register_status_override = 503
+    async with session.post(url, json=REGISTER_BODY, headers=RETELL_AUTH) as r:
+        assert r.status == 503
+    assert retell.register_attempts == 3
+    assert retell.registrations == {}
+
+
+async def test_dial_sip_leg_reports_progress_until_time_limit(
+    retell: FakeRetell,
+    session: aiohttp.ClientSession,
+    dial_stand_in: DialStandIn,
+    dial_simulator: TwilioSimulator,
+) -> None:
+    """Signed callbacks arrive in order and the leg ends itself at timeLimit."""
+    call_id = await register_retell_call(retell, session)
+    sip_uri = retell.sip_uri(call_id)
+    dial_stand_in.twiml = sip_dial_twiml(dial_stand_in, sip_uri)
+    call = await dial_simulator.place_call("+15005550006", "+14155551212")
+    assert call.first_verb == "Dial"
+    leg = call.dial_leg
+    assert (leg.kind, leg.target, leg.time_limit_secs) == ("sip", sip_uri, 1)
+    assert leg.action_url == dial_stand_in.url("/dial-action")
+
+    await leg.ring()
+    await leg.answer()
+    answered_at = asyncio.get_running_loop().time()
+    assert retell.registrations[call_id].call_status == "ongoing"
+    await leg.wait_ended(TIMEOUT_SECS)
+    assert asyncio.get_running_loop().time() - answered_at >= 0.99
+    assert (leg.status, leg.ended_by) == ("completed", "limit")
+
+    paths = [path for path, _, _ in dial_stand_in.requests]
+    assert paths == ["/voice"] + ["/dial-status"] * 4 + ["/dial-action"]
+    assert all(valid for _, _, valid in dial_stand_in.requests)
+    callbacks = dial_stand_in.forms("/dial-status")
+    assert [form["CallStatus"] for form in callbacks] == [
+        "initiated",
+        "ringing",
+        "in-progress",
+        "completed",
+    ]
+    assert [form["SequenceNumber"] for form in callbacks] == ["0", "1", "2", "3"]
+    for form in callbacks:
+        assert form["CallSid"] == leg.child_sid
+        assert form["ParentCallSid"] == call.sid
+        assert form["Direction"] == "outbound-dial"
+        assert (form["From"], form["To"]) == ("+14155551212", sip_uri)
+    completed = callbacks[-1]
+    assert (completed["CallDuration"], completed["Duration"]) == ("1", "1")
+    assert completed["SipResponseCode"] == "200"
+
+    action = dial_stand_in.forms("/dial-action")[0]
+    assert action["CallSid"] == call.sid
+    assert action["DialCallSid"] == leg.child_sid
+    assert action["DialCallStatus"] == "completed"
+    assert action["DialCallDuration"] == "1"
+    assert action["DialBridged"] == "true"
+    assert call.after_dial_twiml == dial_stand_in.after_dial
+    assert call.spoken == ["Goodbye."]
+    assert call.status == "completed"
+    url = f"{retell.api_url}/v2/get-call/{call_id}"
+    async with session.get(url, headers=RETELL_AUTH) as r:
+        fetched = await r.json()
+    assert fetched["call_status"] == "ended"
+    assert fetched["telephony_identifier"] == {"twilio_call_sid": leg.child_sid}
+    assert fetched["disconnection_reason"] == "user_hangup"
+    assert fetched["duration_ms"] >= 990
+
+
+@pytest.mark.parametrize("registered", [False, True])
+async def test_dial_sip_leg_to_unknown_or_expired_call_fails_with_404(
+    registered: bool,
+    retell: FakeRetell,
+    session: aiohttp.ClientSession,
+    dial_stand_in: DialStandIn,
+    dial_simulator: TwilioSimulator,
+) -> None:
+    """Retell refuses a call id it lacks or let expire; the leg fails with 404."""
+    call_id = "0" * 32
+    if registered:
+        call_id = await register_retell_call(retell, session)
+        retell.registration_ttl_secs = 0.0
+    dial_stand_in.twiml = sip_dial_twiml(dial_stand_in, retell.sip_uri(call_id))
+    call = await dial_simulator.place_call("+15005550006", "+14155551212")
+    with pytest.raises(DialRefusedError) as caught:
+        await call.dial_leg.answer()
+    assert caught.value.sip_response_code == 404
+
+    leg = call.dial_leg
+    assert (leg.status, leg.sip_response_code) == ("failed", 404)
+    callbacks = dial_stand_in.forms("/dial-status")
+    assert [form["CallStatus"] for form in callbacks] == ["initiated", "failed"]
+    assert callbacks[-1]["SipResponseCode"] == "404"
+    assert callbacks[-1]["CallDuration"] == "0"
+    action = dial_stand_in.forms("/dial-action")[0]
+    assert action["DialCallStatus"] == "failed"
+    assert (action["DialBridged"], action["DialCallDuration"]) == ("false", "0")
+    assert action["DialSipResponseCode"] == "404"
+    assert call.status == "completed"
+    if registered:
+        registration = retell.registrations[call_id]
+        assert registration.disconnection_reason == "registered_call_timeout"
+
+
+async def test_dial_leg_caller_hang_up_cancels_and_forged_callbacks_fail(
+    dial_stand_in: DialStandIn, dial_simulator: TwilioSimulator
+) -> None:
+    """A caller leaving a ringing leg cancels it; a forged signature gets 403."""
+    dial_stand_in.twiml = (
+        '<Response><Dial action="/dial-action">'
+        '<Number statusCallbackEvent="ringing completed" '
+        f'statusCallback="{dial_stand_in.url("/dial-status")}">+14155550100</Number>'
+        "</Dial></Response>"
+    )
+    call = await dial_simulator.place_call("+15005550006", "+14155551212")
+    leg = call.dial_leg
+    assert (leg.kind, leg.time_limit_secs) == ("number", 14400)
+    leg.signature_override = "Zm9yZ2Vk"
+    await leg.ring()
+    await call.hang_up()
+    assert (leg.status, leg.ended_by) == ("canceled", "caller")
+    assert leg.callback_statuses() == ["ringing", "canceled"]
+    assert [delivery.http_status for delivery in leg.callbacks] == [403, 403]
+    assert leg.action_delivery is not None
+    assert leg.action_delivery.http_status == 403
+    assert leg.action_delivery.params["DialCallStatus"] == "canceled"
+    assert leg.action_delivery.params["CallStatus"] == "completed"
+    assert call.status == "completed"
+    with pytest.raises(PeerStateError):
+        await leg.hang_up()
+
+
+async def test_fake_twilio_rest_transfer_dials_and_completes_number_leg(
+    rest: FakeTwilioRest,
+    session: aiohttp.ClientSession,
+    simulator: TwilioSimulator,
+    stand_in: StandIn,
+) -> None:
+    """Twiml=<Dial><Number> ends the stream and starts a leg REST can end."""
+    call, stream = await open_call(simulator, stand_in)
+    rest.add_account(call.account)
+    rest.register_call(call)
+    base = f"{rest.url}/2010-04-01/Accounts/{call.account.sid}/Calls"
+    auth = basic_auth(call.account)
+    twiml = (
+        "<Response><Dial><Number "
+        f'statusCallback="http://{stand_in.base}/status" '
+        'statusCallbackEvent="answered completed">+14155550100</Number>'
+        "</Dial></Response>"
+    )
+    async with session.post(
+        f"{base}/{call.sid}.json", data={"Twiml": twiml}, headers=auth
+    ) as r:
+        assert r.status == 200
+    assert (await stream.next())["event"] == "stop"
+    await call.wait_closed(TIMEOUT_SECS)
+    leg = call.dial_leg
+    assert (leg.kind, leg.target) == ("number", "+14155550100")
+
+    await leg.answer()
+    async with session.get(f"{base}/{leg.child_sid}.json", headers=auth) as r:
+        child = await r.json()
+    assert (child["status"], child["parent_call_sid"]) == ("in-progress", call.sid)
+    assert child["direction"] == "outbound-dial"
+    form = {"Status": "completed"}
+    async with session.post(f"{base}/{call.sid}.json", data=form, headers=auth) as r:
+        assert (await r.json())["status"] == "completed"
+    await leg.wait_ended(TIMEOUT_SECS)
+    assert (leg.status, leg.ended_by) == ("completed", "rest")
+    assert leg.callback_statuses() == ["in-progress", "completed"]
+    assert [delivery.http_status for delivery in leg.callbacks] == [204, 204]
+    assert call.status == "completed"

@@ -5,7 +5,6 @@ import binascii
 import email.utils
 import hmac
 import logging
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,9 +14,10 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .errors import PeerStateError, PeerTimeoutError, StreamRejected
+from .errors import DialRefusedError, PeerStateError, StreamRejected
+from .sip import SipEndpoint
 from .twilio_auth import (
-    SIGNATURE_HEADER,
+    API_VERSION,
     TwilioAccount,
     new_account,
     new_call_sid,
@@ -25,16 +25,22 @@ from .twilio_auth import (
     sign,
 )
 from .twilio_call import TERMINAL_STATUSES, CallStatus, ProtocolError, SimulatedCall
+from .twilio_dial import DialedLeg, LegStatus
+from .webhooks import WebhookDelivery, WebhookSender
 
 __all__ = [
     "CallStatus",
+    "DialRefusedError",
+    "DialedLeg",
     "FakeTwilioRest",
+    "LegStatus",
     "ProtocolError",
     "RecordedRequest",
     "SimulatedCall",
     "StreamRejected",
     "TwilioAccount",
     "TwilioSimulator",
+    "WebhookDelivery",
     "new_account",
     "new_call_sid",
     "new_stream_sid",
@@ -43,7 +49,6 @@ __all__ = [
 
 logger = logging.getLogger("tests.peers")
 
-API_VERSION: Final = "2010-04-01"
 JsonObject = dict[str, Any]
 
 
@@ -51,7 +56,9 @@ class TwilioSimulator:
     """Sends Twilio's voice webhooks for one account's number to the server under test.
 
     voice_url and status_url are the URLs configured on the number; they are what
-    gets signed, so they must match what the server reconstructs.
+    gets signed, so they must match what the server reconstructs. sip_endpoint
+    answers <Dial><Sip> INVITEs (a FakeRetell); without one every SIP target
+    rings. rest, if given, learns every placed call, so REST updates reach it.
     """
 
     def __init__(
@@ -62,13 +69,20 @@ class TwilioSimulator:
         status_url: str,
         *,
         request_timeout_secs: float = 15.0,
+        sip_endpoint: SipEndpoint | None = None,
+        rest: "FakeTwilioRest | None" = None,
     ) -> None:
         self.session = session
         self.account = account
         self.voice_url = voice_url
         self.status_url = status_url
         self.request_timeout_secs = request_timeout_secs
+        self.sip_endpoint = sip_endpoint
+        self.rest = rest
+        self.webhooks = WebhookSender(session, account, request_timeout_secs)
         self.calls: list[SimulatedCall] = []
+        if rest is not None:
+            rest.add_account(account)
 
     async def place_call(
         self,
@@ -99,8 +113,18 @@ class TwilioSimulator:
         }
         params.update(extra_params or {})
         status, text = await self._post(self.voice_url, params, signature)
-        call = SimulatedCall(self.account, params, status, text)
+        call = SimulatedCall(
+            self.account,
+            params,
+            status,
+            text,
+            document_url=self.voice_url,
+            webhooks=self.webhooks,
+            sip_endpoint=self.sip_endpoint,
+        )
         self.calls.append(call)
+        if self.rest is not None:
+            self.rest.register_call(call)
         logger.info("call %s placed: http %d, %s", call.sid, status, call.status)
         return call
 
@@ -128,22 +152,7 @@ class TwilioSimulator:
     async def _post(
         self, url: str, params: Mapping[str, str], signature: str | None
     ) -> tuple[int, str]:
-        if signature is None:
-            signature = sign(self.account.auth_token, url, params)
-        headers = {
-            SIGNATURE_HEADER: signature,
-            "I-Twilio-Idempotency-Token": str(uuid.uuid4()),
-        }
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout_secs)
-        try:
-            async with self.session.post(
-                url, data=dict(params), headers=headers, timeout=timeout
-            ) as response:
-                return response.status, await response.text()
-        except TimeoutError as exc:
-            raise PeerTimeoutError(
-                f"a webhook reply from {url}", timeout.total or 0
-            ) from exc
+        return await self.webhooks.request(url, params, signature)
 
 
 def _rfc2822(moment: datetime | None) -> str | None:
@@ -285,6 +294,17 @@ class FakeTwilioRest:
             return None
         return call
 
+    def _find_leg(self, request: web.Request) -> tuple[SimulatedCall, DialedLeg] | None:
+        """The dialed child leg a path names, with the call that placed it."""
+        child_sid = request.match_info["call_sid"]
+        for call in self._calls.values():
+            if call.account.sid != request.match_info["account_sid"]:
+                continue
+            for leg in call.dial_legs:
+                if leg.child_sid == child_sid:
+                    return call, leg
+        return None
+
     def _not_found(self, request: web.Request) -> web.Response:
         message = f"The requested resource {request.path} was not found"
         return _twilio_error(404, 20404, message)
@@ -294,9 +314,12 @@ class FakeTwilioRest:
         if refusal is not None:
             return refusal
         call = self._find_call(request)
-        if call is None:
-            return self._not_found(request)
-        return web.json_response(self._resource(call, request.path))
+        if call is not None:
+            return web.json_response(self._resource(call, request.path))
+        found = self._find_leg(request)
+        if found is not None:
+            return web.json_response(self._leg_resource(*found, request.path))
+        return self._not_found(request)
 
     async def _update_call(self, request: web.Request) -> web.Response:
         refusal = self._authenticate(request)
@@ -304,7 +327,10 @@ class FakeTwilioRest:
             return refusal
         call = self._find_call(request)
         if call is None:
-            return self._not_found(request)
+            found = self._find_leg(request)
+            if found is None:
+                return self._not_found(request)
+            return await self._update_leg(request, *found)
 
         form = await _form(request)
         status = form.get("Status")
@@ -326,6 +352,22 @@ class FakeTwilioRest:
             return _twilio_error(400, 20001, "Missing Status, Twiml or Url")
         return web.json_response(self._resource(call, request.path))
 
+    async def _update_leg(
+        self, request: web.Request, call: SimulatedCall, leg: DialedLeg
+    ) -> web.Response:
+        """REST on a child sid: Status=completed ends the leg; the parent goes on."""
+        form = await _form(request)
+        status = form.get("Status")
+        if status is None:
+            # Unverified whether Twilio redirects a <Dial> child; not simulated.
+            message = "the simulator only updates a dialed leg with Status"
+            return _twilio_error(400, 20001, message)
+        if status not in ("completed", "canceled"):
+            return _twilio_error(400, 21218, f"Invalid Status: {status}")
+        if status == "completed" and leg.live:
+            leg.complete_via_rest()
+        return web.json_response(self._leg_resource(call, leg, request.path))
+
     def _resource(self, call: SimulatedCall, path: str) -> JsonObject:
         ended = call.status in TERMINAL_STATUSES
         duration = call.duration_secs if ended else None
@@ -344,6 +386,30 @@ class FakeTwilioRest:
             "start_time": _rfc2822(started_utc),
             "end_time": _rfc2822(call.ended_at_utc),
             "duration": None if duration is None else str(duration),
+            "price": None,
+            "price_unit": "USD",
+            "answered_by": None,
+            "uri": path,
+        }
+
+    def _leg_resource(
+        self, call: SimulatedCall, leg: DialedLeg, path: str
+    ) -> JsonObject:
+        updated = leg.ended_at_utc or leg.answered_at_utc or leg.created_at_utc
+        return {
+            "sid": leg.child_sid,
+            "account_sid": call.account.sid,
+            "parent_call_sid": call.sid,
+            "status": leg.status,
+            "to": leg.target,
+            "from": leg.spec.caller_id or call.from_,
+            "direction": "outbound-dial",
+            "api_version": API_VERSION,
+            "date_created": _rfc2822(leg.created_at_utc),
+            "date_updated": _rfc2822(updated),
+            "start_time": _rfc2822(leg.answered_at_utc),
+            "end_time": _rfc2822(leg.ended_at_utc),
+            "duration": None if leg.live else str(leg.duration_secs),
             "price": None,
             "price_unit": "USD",
             "answered_by": None,

@@ -8,6 +8,7 @@ from typing import Final
 from twilio.request_validator import RequestValidator
 
 __all__ = [
+    "API_VERSION",
     "SIGNATURE_HEADER",
     "TwilioAccount",
     "new_account",
@@ -17,6 +18,8 @@ __all__ = [
 ]
 
 SIGNATURE_HEADER: Final = "X-Twilio-Signature"
+# The ApiVersion every voice webhook and callback carries (§1.1).
+API_VERSION: Final = "2010-04-01"
 
 
 @dataclass(frozen=True, slots=True)

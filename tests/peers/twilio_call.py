@@ -1,4 +1,4 @@
-"""One simulated inbound call: the TwiML it was given and its Media Streams socket."""
+"""One simulated inbound call: the TwiML it runs, its media stream, its dialed legs."""
 
 import asyncio
 import base64
@@ -18,10 +18,14 @@ from xml.etree import ElementTree
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .errors import PeerStateError, PeerTimeoutError, StreamRejected
+from .errors import PeerStateError, PeerTimeoutError, StreamRejected, TwimlError
 from .playback import PlaybackClock
+from .sip import SipEndpoint
 from .twilio_auth import SIGNATURE_HEADER, TwilioAccount, new_stream_sid, sign
+from .twilio_dial import DialedLeg
+from .twiml import parse_dial, parse_twiml
 from .waiting import Changes
+from .webhooks import WebhookSender
 
 __all__ = [
     "TERMINAL_STATUSES",
@@ -36,9 +40,8 @@ DTMF_DIGITS: Final = frozenset("0123456789*#")
 TERMINAL_STATUSES: Final = frozenset(
     {"completed", "busy", "failed", "no-answer", "canceled"}
 )
-# Verbs that keep a call up after the document's last verb has run; anything else
-# runs to the end of the TwiML and hangs up (instantly, in this model).
-_LASTING_VERBS: Final = frozenset({"Connect", "Dial"})
+# Verbs that answer a call still ringing (§1.6: anything but a first <Reject>).
+_ANSWERING_VERBS: Final = frozenset({"Say", "Play", "Pause", "Gather", "Connect"})
 # Media Streams error codes (protocols.md §2.8) recorded against the server.
 ERROR_BINARY_FRAME: Final = 31950
 ERROR_BAD_MESSAGE: Final = 31924
@@ -68,26 +71,14 @@ class ProtocolError:
     frame: str | bytes
 
 
-def _parse_twiml(text: str) -> ElementTree.Element | None:
-    try:
-        # The document comes from the server under test over loopback, and the
-        # tests need the stdlib tree; defusedxml is not a dependency.
-        return ElementTree.fromstring(text)  # noqa: S314
-    except ElementTree.ParseError:
-        return None
-
-
-def _twiml_keeps_call(text: str) -> bool:
-    root = _parse_twiml(text)
-    return root is not None and any(verb.tag in _LASTING_VERBS for verb in root)
-
-
 class SimulatedCall:
-    """One inbound call as Twilio sees it: the TwiML it got and its media stream.
+    """One inbound call as Twilio sees it: its TwiML, media stream and dialed legs.
 
     Created by TwilioSimulator.place_call. The call owns its receiver and mark-echo
-    tasks and any stream shutdown started by FakeTwilioRest; aclose() ends them.
-    Times ending in _at are event-loop seconds (loop.time()).
+    tasks, any shutdown started by FakeTwilioRest, and its dialed legs' time-limit
+    tasks; aclose() ends them. Times ending in _at are event-loop seconds
+    (loop.time()). document_url is the URL the TwiML came from, for resolving
+    relative URLs in it; webhooks sends the dialed legs' callbacks.
     """
 
     def __init__(
@@ -96,6 +87,10 @@ class SimulatedCall:
         params: Mapping[str, str],
         http_status: int,
         twiml_text: str,
+        *,
+        document_url: str | None = None,
+        webhooks: WebhookSender | None = None,
+        sip_endpoint: SipEndpoint | None = None,
     ) -> None:
         self.account = account
         self.params: dict[str, str] = dict(params)
@@ -104,7 +99,10 @@ class SimulatedCall:
         self.from_ = self.params["From"]
         self.http_status = http_status
         self.twiml_text = twiml_text
-        self.twiml = _parse_twiml(twiml_text)
+        self.twiml = parse_twiml(twiml_text)
+        self.document_url = document_url
+        self.webhooks = webhooks
+        self.sip_endpoint = sip_endpoint
         self.status: CallStatus = "ringing"
         self.created_at_utc = datetime.now(UTC)
         self.answered_at: float | None = None
@@ -124,6 +122,13 @@ class SimulatedCall:
         self.ended_by_server = False
         self.redirected_twiml: str | None = None
         self.redirected_url: str | None = None
+        # Text of every <Say> run, what Twilio found wrong in the TwiML, the
+        # latest and every dialed leg, and the TwiML the <Dial action> returned.
+        self.spoken: list[str] = []
+        self.twiml_problems: list[str] = []
+        self.dial: DialedLeg | None = None
+        self.dial_legs: list[DialedLeg] = []
+        self.after_dial_twiml: str | None = None
 
         self._ws: ClientConnection | None = None
         self._stream_closed = asyncio.Event()
@@ -138,6 +143,11 @@ class SimulatedCall:
         self._playback_changed = asyncio.Event()
         self._changes = Changes()
         self._tasks: set[asyncio.Task[None]] = set()
+        # The leg whose end continues this call's TwiML, and what follows its
+        # <Dial> in the document (run when the <Dial> has no action).
+        self._active_leg: DialedLeg | None = None
+        self._after_dial_verbs: list[ElementTree.Element] = []
+        self._after_dial_base: str | None = None
         self._settle_status()
 
     # TwiML views -------------------------------------------------------------
@@ -181,6 +191,13 @@ class SimulatedCall:
         if self.twiml is None:
             return None
         return self.twiml.find("./Connect/Stream")
+
+    @property
+    def dial_leg(self) -> DialedLeg:
+        """The latest dialed leg; raises PeerStateError if the TwiML never dialed."""
+        if self.dial is None:
+            raise PeerStateError(f"call {self.sid} has no <Dial> leg")
+        return self.dial
 
     # Call state --------------------------------------------------------------
 
@@ -229,9 +246,73 @@ class SimulatedCall:
             self._end_unanswered("busy" if busy else "no-answer", now)
         else:
             self.status = "in-progress"
-            self.answered_at = now
-            if not _twiml_keeps_call(self.twiml_text):
-                self._complete()
+            # A first-verb <Dial answerOnBridge="true"> keeps the caller ringing
+            # until the dialed leg answers, so billing starts then (leg_answered).
+            first = root[0] if len(root) else None
+            bridged_answer = (
+                first is not None
+                and first.tag == "Dial"
+                and first.get("answerOnBridge", "").lower() == "true"
+            )
+            if not bridged_answer:
+                self.answered_at = now
+            self._run_verbs(list(root), self.document_url)
+
+    def _run_verbs(
+        self, verbs: Sequence[ElementTree.Element], base_url: str | None
+    ) -> None:
+        """Run TwiML verbs the way Twilio does, up to the first that lasts.
+
+        <Say> is recorded in spoken, <Hangup> ends the call, <Connect> waits for
+        the test to open the stream, <Dial> starts a DialedLeg. Other verbs are
+        skipped; running off the end of the document hangs up.
+        """
+        for index, verb in enumerate(verbs):
+            if verb.tag in _ANSWERING_VERBS and self.answered_at is None:
+                # A caller held ringing by answerOnBridge is answered by the
+                # first verb that plays to them.
+                self.answered_at = asyncio.get_running_loop().time()
+            if verb.tag == "Say":
+                self.spoken.append((verb.text or "").strip())
+            elif verb.tag in ("Hangup", "Reject"):
+                break
+            elif verb.tag == "Connect":
+                return
+            elif verb.tag == "Dial":
+                if self._start_dial(verb, base_url, verbs[index + 1 :]):
+                    return
+                break
+            else:
+                logger.debug("call %s skips <%s>", self.sid, verb.tag)
+        self._complete()
+
+    def _start_dial(
+        self,
+        verb: ElementTree.Element,
+        base_url: str | None,
+        after: Sequence[ElementTree.Element],
+    ) -> bool:
+        """Start the leg a <Dial> asks for; False if the <Dial> is unusable."""
+        try:
+            spec = parse_dial(verb, base_url)
+        except TwimlError as exc:
+            # Twilio reads this as an application error and hangs up.
+            logger.warning("call %s: unusable <Dial>: %s", self.sid, exc)
+            self.twiml_problems.append(str(exc))
+            return False
+        for warning in spec.warnings:
+            logger.warning("call %s: <Dial> warning: %s", self.sid, warning)
+        self.twiml_problems.extend(spec.warnings)
+        leg = DialedLeg(spec, self)
+        self.dial = leg
+        self.dial_legs.append(leg)
+        self._active_leg = leg
+        self._after_dial_verbs = list(after)
+        self._after_dial_base = base_url
+        logger.info(
+            "call %s dials %s %s as %s", self.sid, spec.kind, spec.target, leg.child_sid
+        )
+        return True
 
     def _end_unanswered(self, status: CallStatus, now: float) -> None:
         self.status = status
@@ -415,9 +496,15 @@ class SimulatedCall:
             raise PeerStateError("stream is closed") from exc
 
     async def hang_up(self) -> None:
-        """The caller hangs up: send stop, close the socket with 1000, end the call."""
+        """The caller hangs up: send stop, close the socket with 1000, end the call.
+
+        A dialed leg still up ends too (by="caller"), callbacks and action included.
+        """
         await self._end_stream()
         self._complete()
+        leg = self._active_leg
+        if leg is not None:
+            await leg.end("caller")
 
     async def drop(self) -> None:
         """The network fails: reset the connection with no stop and no close frame."""
@@ -645,20 +732,85 @@ class SimulatedCall:
     # Driven by FakeTwilioRest ------------------------------------------------
 
     def complete_via_rest(self) -> None:
-        """Hang up as REST Status=completed does: stop and close in the background."""
+        """Hang up as REST Status=completed does: stream and dialed leg end too.
+
+        The stream's stop and close and the leg's callbacks run in the background.
+        """
         # Real Twilio answers the REST request first and hangs up after, so the
         # shutdown runs in the background rather than inside the HTTP handler.
         self._complete()
         self._spawn(self._end_stream(), "rest-hangup")
+        leg = self._active_leg
+        if leg is not None:
+            self._spawn(leg.end("rest"), "rest-hangup-leg")
 
     def redirect_via_rest(self, twiml: str | None, url: str | None) -> None:
-        """Replace the call's TwiML as REST Twiml= or Url= does, ending the stream.
+        """Replace the call's TwiML as REST Twiml= or Url= does.
 
-        A Url is recorded, not fetched; a Twiml with no <Connect> or <Dial> ends
-        the call once it has run.
+        The stream ends, and so does a dialed leg, without its <Dial action>: the
+        new TwiML owns the call now. A Url is recorded, not fetched. A Twiml runs
+        at once: <Say> is recorded, <Dial> starts a new leg (a transfer), and a
+        document that ends without a lasting verb ends the call.
         """
         self.redirected_twiml = twiml
         self.redirected_url = url
         self._spawn(self._end_stream(), "rest-redirect")
-        if twiml is not None and not _twiml_keeps_call(twiml):
+        leg = self._active_leg
+        self._active_leg = None
+        if leg is not None:
+            self._spawn(leg.end("rest"), "rest-redirect-leg")
+        if twiml is None:
+            return
+        root = parse_twiml(twiml)
+        if root is None or root.tag != "Response":
+            self.twiml_problems.append("redirect twiml is not a <Response> document")
             self._complete()
+            return
+        self._run_verbs(list(root), None)
+
+    # Driven by DialedLeg (the LegOwner protocol) -----------------------------
+
+    def spawn_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run coro as a task this call owns; aclose() cancels it."""
+        self._spawn(coro, name)
+
+    def leg_answered(self, leg: DialedLeg) -> None:
+        """Start billing the caller if an answerOnBridge <Dial> held it ringing."""
+        if self.answered_at is None and self.status == "in-progress":
+            self.answered_at = leg.answered_at
+        self._changes.notify()
+
+    async def leg_ended(self, leg: DialedLeg) -> None:
+        """Continue after a leg: request <Dial action>, or run what followed <Dial>.
+
+        The action is requested even when the caller has gone (by caller or by
+        REST), but its TwiML then only gets recorded in after_dial_twiml.
+        """
+        if leg is not self._active_leg:
+            # A REST redirect replaced this leg; the new TwiML owns the call.
+            return
+        self._active_leg = None
+        if leg.ended_by == "caller":
+            self._complete()
+
+        if leg.action_url is None:
+            if self.status == "in-progress":
+                self._run_verbs(self._after_dial_verbs, self._after_dial_base)
+            return
+        params = dict(self.params)
+        params["CallStatus"] = self.status
+        params.update(leg.action_params())
+        delivery = await leg.deliver(leg.action_url, params, leg.spec.action_method)
+        leg.action_delivery = delivery
+        if delivery.ok:
+            self.after_dial_twiml = delivery.body
+        self._changes.notify()
+        if self.status != "in-progress":
+            return
+        root = parse_twiml(delivery.body) if delivery.ok else None
+        if root is None or root.tag != "Response":
+            # Twilio says "an application error has occurred" and hangs up.
+            self.twiml_problems.append("dial action did not answer with twiml")
+            self._complete()
+            return
+        self._run_verbs(list(root), leg.action_url)

@@ -44,7 +44,7 @@ async def test_call_reaches_its_workspaces_agent_and_is_metered(
     await call.open_stream()
 
     vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
-    assert vapi_call.api_key == tenant_a.vapi_key
+    assert vapi_call.api_key == tenant_a.api_key
     assert vapi_call.request_json["assistantId"] == tenant_a.assistant_id
     assert vapi_call.audio_format == {
         "format": "mulaw",
@@ -345,7 +345,7 @@ async def test_logs_carry_no_secret_token_or_audio(
         "operator key": callgate.settings.operator_key,
         "secret key": callgate.settings.secret_key,
         "twilio auth token": callgate.account.auth_token,
-        "vapi key": tenant.vapi_key,
+        "vapi key": tenant.api_key,
         "stream token": stream_token,
         "audio": base64.b64encode(tone[:160]).decode(),
     }

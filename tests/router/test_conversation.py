@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,62 @@ async def test_pcm16_agent_gets_linear_audio_and_the_caller_hears_it_clearly(
     assert len(vapi_call.received_audio) == 4 * len(tone)
     round_trip_delay = Upsampler.delay_samples // 2 + Downsampler.delay_samples
     assert _snr_db(tone, bytes(call.received_audio), round_trip_delay) >= 30
+
+
+async def test_recording_is_stereo_and_listed_on_the_call(callgate: Harness) -> None:
+    """With recording on, the call leaves a stereo WAV in its workspace's folder."""
+    tenant = await callgate.tenant("alpha", NUMBER)
+    await callgate.set_policy(tenant.workspace_id, recording=True)
+    call, _ = await callgate.connected_call(NUMBER, CALLER)
+    tone = tone_mulaw(440, duration_ms=1000)
+    await call.send_audio(split_frames(tone))
+    await call.wait_for_audio(len(tone), timeout_secs=5)
+    await call.hang_up()
+    await callgate.calls_settled()
+
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["recording"] == f"recordings/{call.sid}.wav"
+    path = (callgate.settings.data_dir / "workspaces" / tenant.workspace_id) / record[
+        "recording"
+    ]
+    left, right = _stereo(path)
+    assert np.array_equal(left[: len(tone)], _pcm(tone))
+    # The agent's echo is on the right channel, a little behind the caller:
+    # its first 20 ms start within 200 ms of the caller's and match exactly.
+    echo = _pcm(tone)
+    starts = [
+        offset
+        for offset in range(1600)
+        if np.array_equal(right[offset : offset + 160], echo[:160])
+    ]
+    assert starts, "the agent's audio is not on the right channel"
+    assert np.count_nonzero(right) >= 0.9 * np.count_nonzero(echo)
+
+
+async def test_calls_are_not_recorded_unless_the_workspace_asks(
+    callgate: Harness,
+) -> None:
+    """Recording is off by default: no file, nothing on the record."""
+    tenant = await callgate.tenant("alpha", NUMBER)
+    call, _ = await callgate.connected_call(NUMBER, CALLER)
+    await call.hang_up()
+    await callgate.calls_settled()
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["recording"] is None
+    assert not _exists(callgate.settings.data_dir / "workspaces")
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+def _stereo(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with wave.open(str(path), "rb") as recording:
+        assert recording.getnchannels() == 2
+        data = recording.readframes(recording.getnframes())
+    frames = np.frombuffer(data, dtype="<i2").reshape(-1, 2)
+    return frames[:, 0], frames[:, 1]
+
+
+def _pcm(ulaw: bytes) -> np.ndarray:
+    return np.frombuffer(ulaw_to_pcm16(ulaw), dtype="<i2")

@@ -114,7 +114,7 @@ async def test_provider_keys_are_never_returned_or_stored_in_clear(
     )
     assert status == 200
     assert "api_key" not in agents["items"][0]
-    assert tenant.vapi_key not in str(agents)
+    assert tenant.api_key not in str(agents)
     async for key in store.scan_iter(count=1000):
         kind = await store.type(key)
         if kind == "hash":
@@ -123,4 +123,4 @@ async def test_provider_keys_are_never_returned_or_stored_in_clear(
             values = str(await store.get(key))
         else:
             continue
-        assert tenant.vapi_key not in values, key
+        assert tenant.api_key not in values, key

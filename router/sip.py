@@ -1,0 +1,103 @@
+"""The SIP path's callbacks: metering a Retell call from Twilio's view of its leg.
+
+Twilio reports the dialled SIP leg's progress to ``/twilio/sip-status/{ws}``:
+``answered`` starts the meter, a terminal status settles it (any process may
+receive either; see Meter.end_call). When the leg ends Twilio asks
+``/twilio/dial-action/{ws}`` what to do next: hang up after a call that took
+place, or the workspace's fallback when Retell could not be reached.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+from aiohttp import web
+
+from media.bridge import EndReason
+from metering.ledger import CallNotFoundError
+from router import twiml
+from router.stream import METER
+from router.webhooks import (
+    METRICS,
+    field,
+    forbidden,
+    signed_form,
+    twiml_response,
+)
+from tenancy import api, keyspace
+from tenancy.errors import NotFoundError, SignatureError, StoreError
+from tenancy.logs import CallLog, call_logger, router_logger
+from tenancy.problems import problem
+
+TERMINAL = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
+
+
+async def sip_status(request: web.Request) -> web.Response:
+    """``POST /twilio/sip-status/{workspace_id}``: the SIP leg's progress."""
+    try:
+        form = await signed_form(request, "sip_status")
+    except SignatureError:
+        return forbidden()
+    app = request.app
+    count = app[METRICS].webhooks
+    workspace_id = request.match_info["workspace_id"]
+    call_sid = field(form, "ParentCallSid")
+    status = field(form, "CallStatus")
+    if not keyspace.WORKSPACE_ID.fullmatch(workspace_id) or not (
+        keyspace.CALL_SID.fullmatch(call_sid)
+    ):
+        count.labels("sip_status", "malformed").inc()
+        return problem(400, "malformed-webhook", "Bad Request", "malformed callback")
+
+    ledger = app[api.LEDGER]
+    try:
+        record = await ledger.get_call(workspace_id, call_sid)
+        if status == "in-progress" and app[METER].session(call_sid) is None:
+            await app[METER].begin(
+                workspace_id,
+                call_sid,
+                agent_id=record.agent_id,
+                number=record.to_number,
+            )
+            await ledger.set_fields(
+                workspace_id, call_sid, {"sip_call_sid": field(form, "CallSid")}
+            )
+        elif status in TERMINAL and record.status != "completed":
+            answered = status == "completed" and record.started_at_ms is not None
+            reason = EndReason.COMPLETED if answered else EndReason.UPSTREAM_FAILED
+            await app[METER].end_call(workspace_id, call_sid, reason.value)
+            CallLog(call_logger, {"workspace": workspace_id, "call": call_sid}).info(
+                "call ended reason=%s sip_status=%s", reason.value, status
+            )
+    except CallNotFoundError:
+        count.labels("sip_status", "unknown_call").inc()
+        return web.Response(status=204)
+    except (StoreError, redis.RedisError):
+        # Twilio retries nothing here; the store's outage policy (issue 4)
+        # and reconciliation with Twilio settle such calls later.
+        router_logger.error("cannot record sip leg progress", exc_info=True)
+        return problem(503, "store-unavailable", "Store Unavailable")
+    count.labels("sip_status", "recorded").inc()
+    return web.Response(status=204)
+
+
+async def dial_action(request: web.Request) -> web.Response:
+    """``POST /twilio/dial-action/{workspace_id}``: what follows the SIP leg."""
+    try:
+        form = await signed_form(request, "dial_action")
+    except SignatureError:
+        return forbidden()
+    app = request.app
+    if field(form, "DialCallStatus") == "completed":
+        return twiml_response(twiml.hang_up())
+
+    # The SIP leg never connected: Retell was unreachable or refused it.
+    workspace_id = request.match_info["workspace_id"]
+    try:
+        workspace = await app[api.WORKSPACES].get(workspace_id)
+    except NotFoundError:
+        return twiml_response(twiml.hang_up())
+    except (StoreError, redis.RedisError):
+        return twiml_response(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
+    app[METRICS].upstream_errors.labels("retell", "sip").inc()
+    app[METRICS].fallbacks.labels("done").inc()
+    return twiml_response(twiml.fallback(workspace.policy))
