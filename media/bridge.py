@@ -36,6 +36,8 @@ MULAW_BYTES_PER_SEC = 8000
 # About one second of audio per direction; past that the oldest frames go.
 BACKLOG_LIMIT_BYTES = MULAW_BYTES_PER_SEC
 MARK_EVERY_BYTES = MULAW_BYTES_PER_SEC // 2
+# Undecodable frames a call survives before its stream is closed.
+MAX_MALFORMED_FRAMES = 10
 # How long the agent's last words may take to play after it hangs up.
 GOODBYE_LIMIT_SECS = 15.0
 
@@ -118,6 +120,7 @@ class Bridge:
         self._played_bytes = 0
         self._stale_marks_below = 0
         self._interruptions = 0
+        self._malformed_frames = 0
         self._transferring: str | None = None
         self._goodbye_mark: str | None = None
         self._goodbye_played = asyncio.Event()
@@ -209,7 +212,9 @@ class Bridge:
                 try:
                     event = self._stream.receive(message.data)
                 except frames.StreamFrameError as exc:
-                    return await self._reject(str(exc), exc.close_code)
+                    if await self._malformed(str(exc), exc.close_code):
+                        return EndReason.PROTOCOL_ERROR
+                    continue
                 if isinstance(event, frames.Media):
                     if self._recorder is not None:
                         self._recorder.caller(event.payload)
@@ -228,10 +233,10 @@ class Bridge:
                     if self._transferring is not None:
                         return EndReason.TRANSFERRED
                     return EndReason.CALLER_HUNG_UP
-            elif message.type is WSMsgType.BINARY:
-                return await self._reject(
-                    "binary frame on a text-only stream", frames.CLOSE_UNSUPPORTED_DATA
-                )
+            elif message.type is WSMsgType.BINARY and await self._malformed(
+                "binary frame on a text-only stream", frames.CLOSE_UNSUPPORTED_DATA
+            ):
+                return EndReason.PROTOCOL_ERROR
             elif message.type is WSMsgType.ERROR:
                 self._log.warning("twilio stream error: %s", self._twilio.exception())
                 return EndReason.STREAM_LOST
@@ -350,11 +355,23 @@ class Bridge:
         self._metrics.transfers.labels("done").inc()
         return True
 
-    async def _reject(self, problem: str, close_code: int) -> EndReason:
+    async def _malformed(self, problem: str, close_code: int) -> bool:
+        """Count a bad frame; True once the stream was closed for bad frames.
+
+        An odd undecodable frame is skipped: the caller should not lose the
+        call over it. A policy violation (a frame for another stream, a second
+        start) means this may not be the stream it claims to be, so it ends
+        the call at once, as does a stream that keeps sending bad frames.
+        """
         self._metrics.frames_malformed.labels("twilio").inc()
-        self._log.warning("closing stream on malformed frame: %s", problem)
+        self._malformed_frames += 1
+        fatal = close_code == frames.CLOSE_POLICY_VIOLATION
+        if not fatal and self._malformed_frames <= MAX_MALFORMED_FRAMES:
+            self._log.warning("skipped a malformed frame: %s", problem)
+            return False
+        self._log.warning("closing stream on malformed frames: %s", problem)
         await self._twilio.close(code=close_code, message=problem[:120].encode())
-        return EndReason.PROTOCOL_ERROR
+        return True
 
 
 _AGENT_SIDE_ENDINGS = (EndReason.AGENT_HUNG_UP, EndReason.UPSTREAM_FAILED)

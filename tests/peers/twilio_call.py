@@ -133,6 +133,8 @@ class SimulatedCall:
         self._ws: ClientConnection | None = None
         self._stream_closed = asyncio.Event()
         self._closing_locally = False
+        self._reading = asyncio.Event()
+        self._reading.set()
         self._sequence = 0
         self._chunk = 0
         self._next_frame_at = 0.0
@@ -573,6 +575,18 @@ class SimulatedCall:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def pause_reading(self) -> None:
+        """Stop taking frames off the socket, as a congested caller leg would.
+
+        websockets then stops reading from TCP once its own queue is full, so
+        the server's writes back up into its buffers.
+        """
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        """Take frames off the socket again."""
+        self._reading.set()
+
     async def _receive(self, ws: ClientConnection) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -580,6 +594,7 @@ class SimulatedCall:
                 to_echo = self._handle_frame(frame, loop.time())
                 if to_echo:
                     await self._echo_marks(to_echo)
+                await self._reading.wait()
         except ConnectionClosed:
             pass
         await ws.wait_closed()

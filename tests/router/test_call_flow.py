@@ -219,19 +219,40 @@ async def test_unknown_number_is_rejected_unanswered(callgate: Harness) -> None:
     )
 
 
-async def test_malformed_twilio_frame_closes_the_stream_with_a_code(
+async def test_malformed_frame_is_counted_and_the_call_goes_on(
     callgate: Harness,
 ) -> None:
-    """A malformed frame is counted and answered with close code 1007."""
+    """A malformed frame is counted and skipped; the call keeps relaying audio."""
+    tenant = await callgate.tenant("alpha", NUMBER_A)
+    call, _ = await callgate.connected_call(NUMBER_A, CALLER)
+    await call.send_raw('{"event":"media","sequenceNumber":"2","media":{}}')
+    await call.send_raw(b"\x00binary")
+    tone = tone_mulaw(440, duration_ms=200)
+    await call.send_audio(split_frames(tone))
+    await call.wait_for_audio(len(tone), timeout_secs=5)
+    assert bytes(call.received_audio) == tone
+    assert callgate.metric("callgate_frames_malformed_total", {"source": "twilio"}) == 2
+    await call.hang_up()
+    await callgate.calls_settled()
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "caller_hung_up"
+
+
+async def test_stream_that_keeps_sending_garbage_is_closed_with_1007(
+    callgate: Harness,
+) -> None:
+    """Past ten malformed frames the stream is closed with 1007 and recorded."""
     tenant = await callgate.tenant("alpha", NUMBER_A)
     call, vapi_call = await callgate.connected_call(NUMBER_A, CALLER)
-
-    await call.send_raw('{"event":"media","sequenceNumber":"2","media":{}}')
+    for _ in range(11):
+        await call.send_raw("not json at all")
     await call.wait_closed(timeout_secs=5)
     assert call.close_code == 1007
     await vapi_call.wait_closed(timeout_secs=5)
     await callgate.calls_settled()
-    assert callgate.metric("callgate_frames_malformed_total", {"source": "twilio"}) == 1
+    assert (
+        callgate.metric("callgate_frames_malformed_total", {"source": "twilio"}) == 11
+    )
     record = await callgate.call_record(tenant.workspace_id, call.sid)
     assert record["end_reason"] == "protocol_error"
     status, _ = await callgate.api("GET", "/workspaces")

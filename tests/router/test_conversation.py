@@ -292,3 +292,37 @@ def _stereo(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _pcm(ulaw: bytes) -> np.ndarray:
     return np.frombuffer(ulaw_to_pcm16(ulaw), dtype="<i2")
+
+
+async def test_a_stalled_caller_drops_stale_audio_and_stalls_no_one_else(
+    callgate: Harness,
+) -> None:
+    """A caller leg that stops reading loses old agent audio; other calls go on."""
+    await callgate.tenant("alpha", NUMBER)
+    await callgate.tenant("bravo", "+15005550002")
+    stalled, stalled_agent = await callgate.connected_call(NUMBER, CALLER)
+    stalled.pause_reading()
+    # Twenty minutes of agent speech in one-second chunks, far more than the
+    # socket buffers between Callgate and the stalled caller can hold.
+    burst = [tone_mulaw(440, duration_ms=1000)] * 1200
+    await callgate.vapi.send_audio(stalled_agent.id, burst)
+
+    other, _ = await callgate.connected_call("+15005550002", CALLER)
+    tone = tone_mulaw(1000, duration_ms=1000)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await other.send_audio(split_frames(tone))
+    await other.wait_for_audio(len(tone), timeout_secs=5)
+    assert bytes(other.received_audio) == tone
+    assert loop.time() - started < 1.5
+
+    dropped = callgate.metric(
+        "callgate_frames_dropped_total", {"direction": "agent_to_caller"}
+    )
+    assert dropped is not None
+    assert dropped > 0
+    stalled.resume_reading()
+    await stalled.hang_up()
+    await other.hang_up()
+    await callgate.calls_settled()
+    assert len(stalled.received_audio) < sum(len(chunk) for chunk in burst)
