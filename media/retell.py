@@ -9,8 +9,8 @@ the call is dialled to ``sip:{call_id}@sip.retellai.com`` within five minutes
 from __future__ import annotations
 
 import aiohttp
-import orjson
 
+from media.platform_http import post_json
 from tenancy.errors import UpstreamError
 
 PROVIDER = "retell"
@@ -53,27 +53,15 @@ class RetellClient:
             "to_number": to_number,
             "metadata": metadata,
         }
-        try:
-            async with self._session.post(
-                f"{self._api_url}/v2/register-phone-call",
-                data=orjson.dumps(body),
-                headers={
-                    "Authorization": f"Bearer {api_key}",
-                    "Content-Type": "application/json",
-                },
-                timeout=self._timeout,
-            ) as response:
-                status = response.status
-                raw = await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"retell unreachable: {type(exc).__name__}") from exc
-        if status not in (200, 201):
-            raise UpstreamError(f"retell refused the call with {status}", status)
-        try:
-            registered = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("retell answered with invalid JSON", status) from None
-        call_id = registered.get("call_id") if isinstance(registered, dict) else None
+        registered = await post_json(
+            self._session,
+            f"{self._api_url}/v2/register-phone-call",
+            api_key=api_key,
+            body=body,
+            limits=self._timeout,
+            platform=PROVIDER,
+        )
+        call_id = registered.get("call_id")
         if not isinstance(call_id, str) or not call_id.isalnum():
-            raise UpstreamError("retell answered without a usable call_id", status)
+            raise UpstreamError("retell answered without a usable call_id")
         return call_id

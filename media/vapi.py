@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from media.codecs import AgentPcm16ToCaller, CallerToAgentPcm16
+from media.platform_http import post_json
 from media.upstream import (
     AgentAudio,
     AgentEvent,
@@ -176,7 +177,14 @@ class VapiClient:
             },
             "metadata": metadata,
         }
-        created = await self._create(api_key, body)
+        created = await post_json(
+            self._session,
+            f"{self._api_url}/call",
+            api_key=api_key,
+            body=body,
+            limits=self._timeout,
+            platform=PROVIDER,
+        )
         call_id, url = _transport(created)
         try:
             socket = await self._session.ws_connect(
@@ -188,31 +196,6 @@ class VapiClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamError(f"vapi transport did not open: {exc}") from exc
         return VapiCall(call_id, socket, pcm16=pcm16)
-
-    async def _create(self, api_key: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            async with self._session.post(
-                f"{self._api_url}/call",
-                data=orjson.dumps(body),
-                headers={
-                    "Authorization": f"Bearer {api_key}",
-                    "Content-Type": "application/json",
-                },
-                timeout=self._timeout,
-            ) as response:
-                raw = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"vapi unreachable: {type(exc).__name__}") from exc
-        if status not in (200, 201):
-            raise UpstreamError(f"vapi refused the call with {status}", status)
-        try:
-            created = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamError("vapi answered with invalid JSON", status) from None
-        if not isinstance(created, dict):
-            raise UpstreamError("vapi answered with a non-object", status)
-        return created
 
 
 def _transfer_number(message: dict[str, Any]) -> str | None:

@@ -213,6 +213,56 @@ class CallgateProcess:
             return usage
 
 
+@dataclass
+class Peers:
+    """The platforms Callgate talks to, played on loopback."""
+
+    vapi: FakeVapi
+    retell: FakeRetell
+    twilio_rest: FakeTwilioRest
+    account: TwilioAccount
+
+    def env(self) -> dict[str, str]:
+        """The CALLGATE_* settings that point Callgate at these peers."""
+        return {
+            "CALLGATE_TWILIO_ACCOUNT_SID": self.account.sid,
+            "CALLGATE_TWILIO_AUTH_TOKEN": self.account.auth_token,
+            "CALLGATE_TWILIO_API_URL": self.twilio_rest.url,
+            "CALLGATE_VAPI_API_URL": self.vapi.api_url,
+            "CALLGATE_RETELL_API_URL": self.retell.api_url,
+        }
+
+    def simulator(self, http: aiohttp.ClientSession, base_url: str) -> TwilioSimulator:
+        """A Twilio simulator whose numbers point at Callgate on ``base_url``."""
+        return TwilioSimulator(
+            http,
+            self.account,
+            f"{base_url}/twilio/voice",
+            f"{base_url}/twilio/status",
+            sip_endpoint=self.retell,
+            rest=self.twilio_rest,
+        )
+
+
+@asynccontextmanager
+async def running_peers() -> AsyncIterator[Peers]:
+    """Start the Vapi, Retell and Twilio REST peers; stop them afterwards."""
+    vapi = FakeVapi()
+    await vapi.start()
+    retell = FakeRetell()
+    await retell.start()
+    rest = FakeTwilioRest()
+    await rest.start()
+    account = new_account()
+    rest.add_account(account)
+    try:
+        yield Peers(vapi=vapi, retell=retell, twilio_rest=rest, account=account)
+    finally:
+        await rest.close()
+        await retell.close()
+        await vapi.close()
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -229,65 +279,53 @@ async def callgate_process(
     The server runs in its own process so it has a core to itself while the
     peers, which cost as much CPU as Callgate, run in this one.
     """
-    vapi = FakeVapi()
-    await vapi.start()
-    rest = FakeTwilioRest()
-    await rest.start()
-    account = new_account()
-    rest.add_account(account)
-    port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "router.cli",
-        "serve",
-        env={
-            **os.environ,
-            "CALLGATE_PORT": str(port),
-            "CALLGATE_DATA_DIR": str(data_dir),
-            "CALLGATE_OPERATOR_KEY": OPERATOR_KEY,
-            "CALLGATE_SECRET_KEY": SECRET_KEY,
-            "CALLGATE_TWILIO_ACCOUNT_SID": account.sid,
-            "CALLGATE_TWILIO_AUTH_TOKEN": account.auth_token,
-            "CALLGATE_TWILIO_API_URL": rest.url,
-            "CALLGATE_VAPI_API_URL": vapi.api_url,
-            "CALLGATE_LOG_LEVEL": "WARNING",
-            **env,
-        },
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    log: list[bytes] = []
-    async with asyncio.timeout(30):
-        while b"serving on" not in (line := await process.stderr.readline()):
-            log.append(line)
-            if not line:
-                raise RuntimeError(b"callgate did not start: " + b"".join(log))
-    # Keep reading its log so a full pipe never blocks the server.
-    drain = asyncio.create_task(process.stderr.read())
-    http = aiohttp.ClientSession()
-    twilio = TwilioSimulator(
-        http, account, f"{base_url}/twilio/voice", f"{base_url}/twilio/status"
-    )
-    try:
-        yield CallgateProcess(
-            base_url=base_url,
-            pid=process.pid,
-            http=http,
-            account=account,
-            twilio=twilio,
-            twilio_rest=rest,
-            vapi=vapi,
+    async with running_peers() as peers:
+        port = _free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            env={
+                **os.environ,
+                "CALLGATE_PORT": str(port),
+                "CALLGATE_DATA_DIR": str(data_dir),
+                "CALLGATE_OPERATOR_KEY": OPERATOR_KEY,
+                "CALLGATE_SECRET_KEY": SECRET_KEY,
+                "CALLGATE_LOG_LEVEL": "WARNING",
+                **peers.env(),
+                **env,
+            },
+            stderr=asyncio.subprocess.PIPE,
         )
-    finally:
-        await twilio.close()
-        await http.close()
-        process.terminate()
-        await process.wait()
-        await drain
-        await rest.close()
-        await vapi.close()
+        assert process.stderr is not None
+        log: list[bytes] = []
+        async with asyncio.timeout(30):
+            while b"serving on" not in (line := await process.stderr.readline()):
+                log.append(line)
+                if not line:
+                    raise RuntimeError(b"callgate did not start: " + b"".join(log))
+        # Keep reading its log so a full pipe never blocks the server.
+        drain = asyncio.create_task(process.stderr.read())
+        http = aiohttp.ClientSession()
+        twilio = peers.simulator(http, base_url)
+        try:
+            yield CallgateProcess(
+                base_url=base_url,
+                pid=process.pid,
+                http=http,
+                account=peers.account,
+                twilio=twilio,
+                twilio_rest=peers.twilio_rest,
+                vapi=peers.vapi,
+            )
+        finally:
+            await twilio.close()
+            await http.close()
+            process.terminate()
+            await process.wait()
+            await drain
 
 
 @asynccontextmanager
@@ -295,68 +333,46 @@ async def running_callgate(
     valkey_url: str, data_dir: Path, **env: str
 ) -> AsyncIterator[Harness]:
     """Start Callgate and its peers; stop them all afterwards."""
-    vapi = FakeVapi()
-    await vapi.start()
-    retell = FakeRetell()
-    await retell.start()
-    rest = FakeTwilioRest()
-    await rest.start()
-    account = new_account()
-    rest.add_account(account)
-
-    # Bind first so the public URL can name the port with no race for it.
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    base_url = f"http://127.0.0.1:{port}"
-    settings = load(
-        {
-            "CALLGATE_REDIS_URL": valkey_url,
-            "CALLGATE_DATA_DIR": str(data_dir),
-            "CALLGATE_PORT": str(port),
-            "CALLGATE_PUBLIC_URL": base_url,
-            "CALLGATE_OPERATOR_KEY": OPERATOR_KEY,
-            "CALLGATE_SECRET_KEY": SECRET_KEY,
-            "CALLGATE_TWILIO_ACCOUNT_SID": account.sid,
-            "CALLGATE_TWILIO_AUTH_TOKEN": account.auth_token,
-            "CALLGATE_TWILIO_API_URL": rest.url,
-            "CALLGATE_VAPI_API_URL": vapi.api_url,
-            "CALLGATE_RETELL_API_URL": retell.api_url,
-            **env,
-        }
-    )
-    registry = CollectorRegistry()
-    app = create_app(settings, registry)
-    app_runner = runner(app)
-    await app_runner.setup()
-    await web.SockSite(app_runner, listener).start()
-    http = aiohttp.ClientSession()
-    twilio = TwilioSimulator(
-        http,
-        account,
-        f"{base_url}/twilio/voice",
-        f"{base_url}/twilio/status",
-        sip_endpoint=retell,
-        rest=rest,
-    )
-    try:
-        yield Harness(
-            app=app,
-            settings=settings,
-            base_url=base_url,
-            http=http,
-            account=account,
-            twilio=twilio,
-            twilio_rest=rest,
-            vapi=vapi,
-            registry=registry,
-            runner=app_runner,
-            retell=retell,
+    async with running_peers() as peers:
+        # Bind first so the public URL can name the port with no race for it.
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        base_url = f"http://127.0.0.1:{port}"
+        settings = load(
+            {
+                "CALLGATE_REDIS_URL": valkey_url,
+                "CALLGATE_DATA_DIR": str(data_dir),
+                "CALLGATE_PORT": str(port),
+                "CALLGATE_PUBLIC_URL": base_url,
+                "CALLGATE_OPERATOR_KEY": OPERATOR_KEY,
+                "CALLGATE_SECRET_KEY": SECRET_KEY,
+                **peers.env(),
+                **env,
+            }
         )
-    finally:
-        await twilio.close()
-        await http.close()
-        await shut_down(app_runner)
-        await rest.close()
-        await retell.close()
-        await vapi.close()
+        registry = CollectorRegistry()
+        app = create_app(settings, registry)
+        app_runner = runner(app)
+        await app_runner.setup()
+        await web.SockSite(app_runner, listener).start()
+        http = aiohttp.ClientSession()
+        twilio = peers.simulator(http, base_url)
+        try:
+            yield Harness(
+                app=app,
+                settings=settings,
+                base_url=base_url,
+                http=http,
+                account=peers.account,
+                twilio=twilio,
+                twilio_rest=peers.twilio_rest,
+                vapi=peers.vapi,
+                registry=registry,
+                runner=app_runner,
+                retell=peers.retell,
+            )
+        finally:
+            await twilio.close()
+            await http.close()
+            await shut_down(app_runner)
