@@ -106,6 +106,30 @@ def calls(workspace_id: str) -> str:
     return f"{workspace_prefix(workspace_id)}:calls"
 
 
+def quota(workspace_id: str, period: str) -> str:
+    """Hash: the budget of one billing period (``limit_ms``, ``used_ms``,
+    ``reserved_ms``)."""
+    if not _PERIOD.fullmatch(period):
+        raise InvalidInputError("period must be YYYY-MM or YYYY-MM-DD", "period")
+    return f"{workspace_prefix(workspace_id)}:quota:{period}"
+
+
+def grant(workspace_id: str, call_sid: str) -> str:
+    """Hash: a live call's grant (held and used ms, report sequence, lease)."""
+    check(CALL_SID, call_sid, "call_sid")
+    return f"{workspace_prefix(workspace_id)}:grant:{call_sid}"
+
+
+def leases(workspace_id: str) -> str:
+    """Sorted set: live calls' sids, scored by their lease expiry (ms)."""
+    return f"{workspace_prefix(workspace_id)}:leases"
+
+
+def plan(workspace_id: str) -> str:
+    """Hash: the workspace's plan (flat fields, see metering.plans)."""
+    return f"{workspace_prefix(workspace_id)}:plan"
+
+
 def usage(workspace_id: str, period: str) -> str:
     """Hash: usage counters for a month (``2026-12``) or a day (``2026-12-03``).
 

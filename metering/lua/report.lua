@@ -1,0 +1,100 @@
+-- Report a call's cumulative use: debit it, renew or settle its grant, count it.
+--
+-- KEYS[1] quota hash of the call's billing period, KEYS[2] the call's grant,
+-- KEYS[3] the lease sorted set, KEYS[4] the call record,
+-- KEYS[5] month usage hash, KEYS[6] day usage hash
+-- ARGV[1] report sequence number (1, 2, ...), ARGV[2] cumulative used ms,
+-- ARGV[3] grant wanted ms (the held amount to top up to; 0 asks for none),
+-- ARGV[4] now ms, ARGV[5] lease ms, ARGV[6] the period's limit ms,
+-- ARGV[7] "1" for the final report, ARGV[8] end reason (final only),
+-- ARGV[9] agent id, ARGV[10] E.164 number, ARGV[11] billable ms the plan's
+-- rounding adds at settlement (final only), ARGV[12] call sid
+--
+-- Returns {granted now ms, held ms after, state, added ms} with state "ok",
+-- "settled", "reclaimed" (the grant was taken back: stop the call) or
+-- "closed" (settled before: nothing changes). A report whose sequence number
+-- is not above the last one returns the same answer as before, so a retry
+-- never grants or debits twice.
+local seq = tonumber(ARGV[1])
+local total = tonumber(ARGV[2])
+local final = ARGV[7] == '1'
+
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  return {0, 0, 'closed', 0}
+end
+if redis.call('HGET', KEYS[4], 'status') == 'completed' then
+  return {0, 0, 'closed', 0}
+end
+local has_grant = redis.call('EXISTS', KEYS[2]) == 1
+if has_grant then
+  local last = tonumber(redis.call('HGET', KEYS[2], 'seq'))
+  if seq <= last then
+    local seen = redis.call('HGET', KEYS[2], 'state')
+    if seen == 'active' then seen = 'ok' end
+    return {0, tonumber(redis.call('HGET', KEYS[2], 'held_ms')), seen, 0}
+  end
+end
+
+-- Usage: only what is above the total already recorded counts.
+local previous = tonumber(redis.call('HGET', KEYS[4], 'metered_ms') or '0')
+local added = 0
+if total > previous then
+  added = total - previous
+  redis.call('HSET', KEYS[4], 'metered_ms', total)
+  local agent_field = 'agent:' .. ARGV[9] .. ':ms'
+  local number_field = 'number:' .. ARGV[10] .. ':ms'
+  for i = 5, 6 do
+    redis.call('HINCRBY', KEYS[i], 'ms', added)
+    redis.call('HINCRBY', KEYS[i], agent_field, added)
+    redis.call('HINCRBY', KEYS[i], number_field, added)
+  end
+  redis.call('HINCRBY', KEYS[1], 'used_ms', added)
+end
+
+local granted = 0
+local held = 0
+local state = 'ok'
+if has_grant then
+  held = tonumber(redis.call('HGET', KEYS[2], 'held_ms'))
+  state = redis.call('HGET', KEYS[2], 'state')
+  -- Used time comes out of the call's reservation first; beyond it, the
+  -- call overran its grant and the overrun is plain debit.
+  local release = math.min(added, held)
+  held = held - release
+  if state == 'active' then
+    redis.call('HINCRBY', KEYS[1], 'reserved_ms', -release)
+  end
+end
+
+if final then
+  if has_grant and state == 'active' then
+    redis.call('HINCRBY', KEYS[1], 'reserved_ms', -held)
+  end
+  redis.call('HINCRBY', KEYS[1], 'used_ms', tonumber(ARGV[11]))
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[12])
+  redis.call('HSET', KEYS[4], 'status', 'completed', 'ended_at_ms', ARGV[4],
+    'end_reason', ARGV[8], 'billable_extra_ms', ARGV[11])
+  return {0, 0, 'settled', added}
+end
+
+if has_grant and state == 'active' then
+  redis.call('HSET', KEYS[1], 'limit_ms', ARGV[6])
+  local used = tonumber(redis.call('HGET', KEYS[1], 'used_ms') or '0')
+  local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved_ms') or '0')
+  local available = tonumber(ARGV[6]) - used - reserved
+  local wanted = tonumber(ARGV[3]) - held
+  if wanted > 0 and available > 0 then
+    granted = math.min(wanted, available)
+    held = held + granted
+    redis.call('HINCRBY', KEYS[1], 'reserved_ms', granted)
+  end
+  local lease_until = tonumber(ARGV[4]) + tonumber(ARGV[5])
+  redis.call('HSET', KEYS[2], 'lease_until_ms', lease_until)
+  redis.call('ZADD', KEYS[3], lease_until, ARGV[12])
+end
+if has_grant then
+  redis.call('HSET', KEYS[2], 'held_ms', held, 'used_ms', total, 'seq', seq)
+end
+if state == 'active' then state = 'ok' end
+return {granted, held, state, added}

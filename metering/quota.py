@@ -1,0 +1,252 @@
+"""The quota engine: budgets reserved before use, like telecom online charging.
+
+A call is admitted with a concurrency lease and a first grant reserved from
+its workspace's budget for the billing period (admit.lua). While it runs, each
+report debits what it used and tops the grant up again (report.lua); the last
+report settles the exact use and returns the rest. A process that dies stops
+renewing its leases, and any process's sweeper returns their reservations
+(reclaim.lua). All keys of one workspace share its hash slot, so every script
+runs unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any, Literal
+
+import redis.asyncio as redis
+from redis.commands.core import AsyncScript
+
+from tenancy import keyspace
+from tenancy.replies import text, text_map
+
+Refusal = Literal["concurrency", "budget"]
+ReportState = Literal["ok", "settled", "reclaimed", "closed"]
+
+
+def _script(store: redis.Redis, name: str) -> AsyncScript:
+    source = files("metering").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    return store.register_script(source)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of admitting a call: a first grant, or why there is none."""
+
+    granted_ms: int
+    refused: Refusal | None = None
+
+    @property
+    def admitted(self) -> bool:
+        """True when the call got a lease and a grant."""
+        return self.refused is None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportAnswer:
+    """What a report did: the grant now held, and the call's state."""
+
+    granted_ms: int
+    held_ms: int
+    state: ReportState
+    added_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    """A workspace's budget for one period, in milliseconds."""
+
+    limit_ms: int
+    used_ms: int
+    reserved_ms: int
+
+    @property
+    def remaining_ms(self) -> int:
+        """What can still be granted: the limit less what is used or reserved."""
+        return max(0, self.limit_ms - self.used_ms - self.reserved_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """A call whose process vanished: its reservation went back to the budget."""
+
+    workspace_id: str
+    call_sid: str
+    account_sid: str
+    returned_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One call's report, as the meter queues it."""
+
+    workspace_id: str
+    call_sid: str
+    period: str
+    day: str
+    seq: int
+    used_ms: int
+    want_ms: int
+    now_ms: int
+    lease_ms: int
+    limit_ms: int
+    agent_id: str
+    number: str
+    end_reason: str | None = None
+    billable_extra_ms: int = 0
+
+
+class Quota:
+    """Admits, renews, settles and reclaims grants in the store."""
+
+    def __init__(self, store: redis.Redis) -> None:
+        self._store = store
+        self._admit = _script(store, "admit")
+        self._report = _script(store, "report")
+        self._reclaim = _script(store, "reclaim")
+
+    async def admit(
+        self,
+        workspace_id: str,
+        call_sid: str,
+        *,
+        period: str,
+        limit_ms: int,
+        max_concurrent: int,
+        grant_ms: int,
+        min_grant_ms: int,
+        lease_ms: int,
+        account_sid: str,
+        now_ms: int,
+    ) -> Admission:
+        """Reserve ``grant_ms`` (or what is left) and a lease, or refuse."""
+        reply = await self._admit(
+            keys=[
+                keyspace.quota(workspace_id, period),
+                keyspace.grant(workspace_id, call_sid),
+                keyspace.leases(workspace_id),
+            ],
+            args=[
+                now_ms,
+                grant_ms,
+                lease_ms,
+                max_concurrent,
+                limit_ms,
+                period,
+                min_grant_ms,
+                call_sid,
+                account_sid,
+            ],
+        )
+        admitted, granted, reason = int(reply[0]), int(reply[1]), text(reply[2])
+        if admitted:
+            return Admission(granted_ms=granted)
+        return Admission(0, "concurrency" if reason == "concurrency" else "budget")
+
+    async def queue_report(self, pipe: redis.client.Pipeline, report: Report) -> None:
+        """Queue ``report`` on ``pipe``; parse its reply with :func:`answer`."""
+        workspace_id = report.workspace_id
+        await self._report(
+            keys=[
+                keyspace.quota(workspace_id, report.period),
+                keyspace.grant(workspace_id, report.call_sid),
+                keyspace.leases(workspace_id),
+                keyspace.call(workspace_id, report.call_sid),
+                keyspace.usage(workspace_id, report.period),
+                keyspace.usage(workspace_id, report.day),
+            ],
+            args=[
+                report.seq,
+                report.used_ms,
+                report.want_ms,
+                report.now_ms,
+                report.lease_ms,
+                report.limit_ms,
+                "1" if report.end_reason is not None else "0",
+                report.end_reason or "",
+                report.agent_id,
+                report.number,
+                report.billable_extra_ms,
+                report.call_sid,
+            ],
+            client=pipe,
+        )
+
+    async def report(self, report: Report) -> ReportAnswer:
+        """Send one report on its own (tests and settlement outside a batch)."""
+        async with self._store.pipeline(transaction=False) as pipe:
+            await self.queue_report(pipe, report)
+            (reply,) = await pipe.execute()
+        return answer(reply)
+
+    async def state(self, workspace_id: str, period: str) -> QuotaState:
+        """The workspace's budget for ``period`` as the store holds it now."""
+        fields = text_map(
+            await self._store.hgetall(keyspace.quota(workspace_id, period))
+        )
+        return QuotaState(
+            limit_ms=int(fields.get("limit_ms", 0)),
+            used_ms=int(fields.get("used_ms", 0)),
+            reserved_ms=int(fields.get("reserved_ms", 0)),
+        )
+
+    async def live_calls(self, workspace_id: str, now_ms: int) -> int:
+        """Calls holding an unexpired lease: what counts against the cap."""
+        count: int = await self._store.zcount(
+            keyspace.leases(workspace_id), f"({now_ms}", "+inf"
+        )
+        return count
+
+    async def reclaim_expired(self, workspace_id: str, now_ms: int) -> list[Reclaimed]:
+        """Return the reservations of every call whose lease has expired."""
+        expired = await self._store.zrangebyscore(
+            keyspace.leases(workspace_id), "-inf", now_ms
+        )
+        reclaimed: list[Reclaimed] = []
+        for raw_sid in expired:
+            call_sid = text(raw_sid)
+            grant = text_map(
+                await self._store.hgetall(keyspace.grant(workspace_id, call_sid))
+            )
+            period = grant.get("period")
+            if period is None:
+                await self._store.zrem(keyspace.leases(workspace_id), call_sid)
+                continue
+            returned = int(
+                await self._reclaim(
+                    keys=[
+                        keyspace.quota(workspace_id, period),
+                        keyspace.grant(workspace_id, call_sid),
+                        keyspace.leases(workspace_id),
+                    ],
+                    args=[now_ms, call_sid],
+                )
+            )
+            if returned >= 0:
+                reclaimed.append(
+                    Reclaimed(
+                        workspace_id=workspace_id,
+                        call_sid=call_sid,
+                        account_sid=grant.get("account_sid", ""),
+                        returned_ms=returned,
+                    )
+                )
+        return reclaimed
+
+
+_STATES: dict[str, ReportState] = {
+    "ok": "ok",
+    "settled": "settled",
+    "reclaimed": "reclaimed",
+}
+
+
+def answer(reply: Any) -> ReportAnswer:
+    """A report script's reply as a :class:`ReportAnswer`."""
+    return ReportAnswer(
+        granted_ms=int(reply[0]),
+        held_ms=int(reply[1]),
+        state=_STATES.get(text(reply[2]), "closed"),
+        added_ms=int(reply[3]),
+    )
