@@ -16,7 +16,7 @@ from redis.commands.core import AsyncScript
 
 from tenancy import keyspace
 from tenancy.errors import NotFoundError
-from tenancy.replies import HashFields, text_map, texts
+from tenancy.replies import HashFields, text_map, text_or_none, texts
 
 
 def month_of(epoch_ms: int) -> str:
@@ -90,7 +90,6 @@ class Ledger:
 
     def __init__(self, store: redis.Redis) -> None:
         self._store = store
-        self._meter = _script(store, "meter")
         self._start = _script(store, "start")
         self._twilio_status = _script(store, "twilio_status")
 
@@ -141,70 +140,15 @@ class Ledger:
             raise CallNotFoundError(call_sid)
         return bool(result == 1)
 
-    async def queue_meter(
-        self,
-        pipe: redis.client.Pipeline,
-        workspace_id: str,
-        call_sid: str,
-        *,
-        metered_ms: int,
-        agent_id: str,
-        number: str,
-        at_ms: int,
-        end_reason: str | None = None,
-    ) -> None:
-        """Queue on ``pipe`` a report of the call's cumulative ``metered_ms``.
-
-        Usage lands in the month and day containing ``at_ms``. With an
-        ``end_reason`` the report also closes the call record.
-        """
-        ended = str(at_ms) if end_reason is not None else ""
-        await self._meter(
-            keys=self._usage_keys(workspace_id, call_sid, at_ms),
-            args=[metered_ms, agent_id, number, ended, end_reason or ""],
-            client=pipe,
-        )
-
-    async def close_call(
-        self,
-        workspace_id: str,
-        call_sid: str,
-        *,
-        agent_id: str,
-        number: str,
-        at_ms: int,
-        end_reason: str,
-    ) -> None:
-        """Close the record of a call whose media never started (nothing metered)."""
-        await self._meter(
-            keys=self._usage_keys(workspace_id, call_sid, at_ms),
-            args=[0, agent_id, number, str(at_ms), end_reason],
-        )
-
-    async def settle_from_start(
-        self, workspace_id: str, call_sid: str, *, ended_at_ms: int, end_reason: str
-    ) -> None:
-        """Close a started call, metering it from its recorded start to ``ended_at_ms``.
-
-        A call that never started is closed with nothing metered.
-        """
-        record = await self.get_call(workspace_id, call_sid)
-        started = record.started_at_ms
-        metered_ms = max(0, ended_at_ms - started) if started is not None else 0
-        await self._meter(
-            keys=self._usage_keys(workspace_id, call_sid, ended_at_ms),
-            args=[
-                metered_ms,
-                record.agent_id,
-                record.to_number,
-                str(ended_at_ms),
-                end_reason,
-            ],
-        )
-
     def pipeline(self) -> redis.client.Pipeline:
-        """A non-transactional pipeline for batching :meth:`queue_meter` calls."""
+        """A non-transactional pipeline for batching reports."""
         return self._store.pipeline(transaction=False)
+
+    async def grant_period(self, workspace_id: str, call_sid: str) -> str | None:
+        """The billing period a call's grant was taken from, if it has one."""
+        return text_or_none(
+            await self._store.hget(keyspace.grant(workspace_id, call_sid), "period")
+        )
 
     async def set_fields(
         self, workspace_id: str, call_sid: str, fields: dict[str, str]

@@ -1,39 +1,71 @@
-"""Meters connected time per call and flushes it to the store in batches.
+"""Meters connected time per call, renews its grant, and enforces its budget.
 
 Each process holds one :class:`Meter`. A call's session counts milliseconds on
-the monotonic clock from stream start; once per flush interval a single
-pipeline reports every live call's cumulative total. At hang-up the session is
-settled at once with its exact duration. Reports are cumulative, so a report
-that is retried after an error or lost response never counts twice.
+the monotonic clock from the moment it connects; once per flush interval a
+single pipeline reports every live call's cumulative total, which debits the
+budget and tops its grant up (metering.quota). When a grant can no longer be
+topped up the call is on its final units: a timer fires the session's
+exhaustion callback the moment they run out, so the overrun past a hard budget
+is the hang-up latency, and at most one flush interval more if the timer is
+late. At hang-up the exact use is settled at once. Reports carry totals, so a
+retried or lost report never counts twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as redis
 
-from metering.ledger import Ledger
+from metering.ledger import Ledger, day_of, month_of
 from metering.metrics import Metrics
+from metering.quota import Quota, Report, ReportAnswer, answer
 from tenancy.logs import metering_logger
 from tenancy.workspaces import now_ms
+
+Exhausted = Callable[["CallSession"], Coroutine[Any, Any, None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How a call's grant is renewed: target, period limit, lease, rounding.
+
+    ``grant_ms`` is the reservation each report tops up to; ``limit_ms`` the
+    period's hard cap; ``billing_step_ms`` the plan's billing increment (1000
+    per second, 6000 per six seconds, 60000 per started minute).
+    """
+
+    period: str
+    grant_ms: int
+    limit_ms: int
+    lease_ms: int
+    billing_step_ms: int = 1000
 
 
 @dataclass(slots=True, eq=False)
 class CallSession:
-    """The meter of one connected call, owned by whoever carries its audio."""
+    """The meter of one connected call, owned by whoever carries it."""
 
     workspace_id: str
     call_sid: str
     agent_id: str
     number: str
     started_ns: int
+    period: str
+    day: str
+    budget: Budget | None = None
+    on_exhausted: Exhausted | None = None
     ended_ns: int | None = None
     end_reason: str | None = None
     reported_ms: int = 0
+    seq: int = 0
+    held_ms: int = 0
+    exhausted: bool = False
+    _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     def metered_ms(self, now_ns: int) -> int:
         """Connected milliseconds up to ``now_ns``, or in total once ended."""
@@ -41,27 +73,27 @@ class CallSession:
         return (until - self.started_ns) // 1_000_000
 
 
-_CLOSED_ELSEWHERE = -2
-
-
 class Meter:
-    """Owns the live sessions of this process and the task that flushes them."""
+    """Owns the live sessions of this process and the task that reports them."""
 
     def __init__(
         self,
         ledger: Ledger,
+        quota: Quota,
         metrics: Metrics,
         interval_ms: int,
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         """``clock`` returns monotonic nanoseconds; tests may pass their own."""
         self._ledger = ledger
-        self._clock = clock
+        self._quota = quota
         self._metrics = metrics
+        self._clock = clock
         self._interval_secs = interval_ms / 1000
         self._sessions: dict[str, CallSession] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
+        self._callbacks: set[asyncio.Task[None]] = set()
 
     def metered_ms(self, session: CallSession) -> int:
         """The session's connected milliseconds by this meter's clock."""
@@ -72,18 +104,25 @@ class Meter:
         """Calls being metered in this process."""
         return sum(1 for s in self._sessions.values() if s.ended_ns is None)
 
+    def session(self, call_sid: str) -> CallSession | None:
+        """The live session of ``call_sid`` in this process, if it has one."""
+        return self._sessions.get(call_sid)
+
     def start(self) -> None:
-        """Start the periodic flush."""
+        """Start the periodic report."""
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._run(), name="meter-flush")
 
     async def close(self) -> None:
-        """Stop the periodic flush, then report what is still pending."""
+        """Stop reporting periodically, then report what is still pending."""
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
             self._flusher = None
         await self.flush()
+        for task in list(self._callbacks):
+            task.cancel()
+        await asyncio.gather(*self._callbacks, return_exceptions=True)
 
     async def begin(
         self,
@@ -93,49 +132,56 @@ class Meter:
         agent_id: str,
         number: str,
         stream_sid: str = "",
+        budget: Budget | None = None,
+        on_exhausted: Exhausted | None = None,
     ) -> CallSession | None:
         """Start metering a call that just connected (media or SIP leg).
 
-        Returns ``None`` if the call had already started, here or in another
-        process: a repeated start must not meter the same call twice.
+        With a ``budget`` the call's grant (taken at admission) is renewed on
+        every report, and ``on_exhausted`` is awaited once if it runs out.
+        Returns ``None`` if the call had already started, here or elsewhere:
+        a repeated start must not meter the same call twice.
         """
-        session = CallSession(
-            workspace_id=workspace_id,
-            call_sid=call_sid,
-            agent_id=agent_id,
-            number=number,
-            started_ns=self._clock(),
-        )
+        started_at_ms = now_ms()
         started = await self._ledger.start_call(
             workspace_id,
             call_sid,
             agent_id=agent_id,
             number=number,
             stream_sid=stream_sid,
-            started_at_ms=now_ms(),
+            started_at_ms=started_at_ms,
         )
         if not started:
             return None
+        session = CallSession(
+            workspace_id=workspace_id,
+            call_sid=call_sid,
+            agent_id=agent_id,
+            number=number,
+            started_ns=self._clock(),
+            period=budget.period if budget else month_of(started_at_ms),
+            day=day_of(started_at_ms),
+            budget=budget,
+            on_exhausted=on_exhausted,
+            held_ms=budget.grant_ms if budget else 0,
+        )
         self._sessions[call_sid] = session
         self._metrics.calls_started.labels(workspace_id).inc()
         self._metrics.calls_active.labels(workspace_id).inc()
         return session
 
-    def session(self, call_sid: str) -> CallSession | None:
-        """The live session of ``call_sid`` in this process, if it has one."""
-        return self._sessions.get(call_sid)
-
     async def end(self, session: CallSession, reason: str) -> None:
-        """Stop the clock and settle the call's exact duration in the store.
+        """Stop the clock and settle the call's exact use in the store.
 
         If the store cannot be reached, the session stays queued and the
-        periodic flush settles it later; nothing is lost while this process
+        periodic report settles it later; nothing is lost while this process
         lives.
         """
         if session.ended_ns is not None:
             return
         session.ended_ns = self._clock()
         session.end_reason = reason
+        self._cancel_timer(session)
         self._metrics.calls_active.labels(session.workspace_id).dec()
         self._metrics.calls_ended.labels(session.workspace_id, reason).inc()
         await self.flush([session])
@@ -146,16 +192,65 @@ class Meter:
         A SIP call's callbacks may reach any process. If this one holds the
         session it ends it; otherwise it settles the record from its start
         time on the server clock, and the process holding the session drops it
-        at its next flush.
+        at its next report.
         """
         session = self._sessions.get(call_sid)
         if session is not None:
             await self.end(session, reason)
             return
-        await self._ledger.settle_from_start(
-            workspace_id, call_sid, ended_at_ms=now_ms(), end_reason=reason
+        record = await self._ledger.get_call(workspace_id, call_sid)
+        ended_at_ms = now_ms()
+        started = record.started_at_ms
+        used_ms = max(0, ended_at_ms - started) if started is not None else 0
+        grant = await self._ledger.grant_period(workspace_id, call_sid)
+        await self._quota.report(
+            Report(
+                workspace_id=workspace_id,
+                call_sid=call_sid,
+                period=grant or month_of(started or ended_at_ms),
+                day=day_of(started or ended_at_ms),
+                seq=1 << 30,
+                used_ms=used_ms,
+                want_ms=0,
+                now_ms=ended_at_ms,
+                lease_ms=0,
+                limit_ms=0,
+                agent_id=record.agent_id,
+                number=record.to_number,
+                end_reason=reason,
+            )
         )
         self._metrics.calls_ended.labels(workspace_id, reason).inc()
+
+    async def close_unstarted(
+        self,
+        workspace_id: str,
+        call_sid: str,
+        *,
+        agent_id: str,
+        number: str,
+        reason: str,
+    ) -> None:
+        """Close the record of a call that never connected, and free its grant."""
+        at_ms = now_ms()
+        grant = await self._ledger.grant_period(workspace_id, call_sid)
+        await self._quota.report(
+            Report(
+                workspace_id=workspace_id,
+                call_sid=call_sid,
+                period=grant or month_of(at_ms),
+                day=day_of(at_ms),
+                seq=1 << 30,
+                used_ms=0,
+                want_ms=0,
+                now_ms=at_ms,
+                lease_ms=0,
+                limit_ms=0,
+                agent_id=agent_id,
+                number=number,
+                end_reason=reason,
+            )
+        )
 
     async def flush(self, sessions: list[CallSession] | None = None) -> None:
         """Report ``sessions`` (default: every pending one) in one pipeline."""
@@ -181,17 +276,16 @@ class Meter:
                 # end while the write is in flight, and only a write that
                 # carried the end may retire the session.
                 finished = session.end_reason is not None
-                if total <= session.reported_ms and not finished:
+                if (
+                    total <= session.reported_ms
+                    and not finished
+                    and not (
+                        session.budget and session.held_ms < session.budget.grant_ms
+                    )
+                ):
                     continue
-                await self._ledger.queue_meter(
-                    pipe,
-                    session.workspace_id,
-                    session.call_sid,
-                    metered_ms=total,
-                    agent_id=session.agent_id,
-                    number=session.number,
-                    at_ms=at_ms,
-                    end_reason=session.end_reason,
+                await self._quota.queue_report(
+                    pipe, self._report(session, total, at_ms, finished)
                 )
                 queued.append((session, total, finished))
             if not queued:
@@ -201,35 +295,100 @@ class Meter:
             except redis.RedisError:
                 self._metrics.meter_flushes.labels("error").inc()
                 metering_logger.warning(
-                    "could not flush %d call meters; will retry",
+                    "could not report %d call meters; will retry",
                     len(queued),
                     exc_info=True,
                 )
                 return
         self._metrics.meter_flushes.labels("ok").inc()
         for (session, total, finished), result in zip(queued, results, strict=True):
-            self._apply(session, total, finished, result)
+            if isinstance(result, Exception):
+                metering_logger.warning(
+                    "report for call %s failed: %s", session.call_sid, result
+                )
+                continue
+            self._apply(session, total, finished, answer(result))
+
+    def _report(
+        self, session: CallSession, total: int, at_ms: int, finished: bool
+    ) -> Report:
+        budget = session.budget
+        extra = 0
+        if finished and budget is not None:
+            step = budget.billing_step_ms
+            extra = -total % step if total else 0
+        return Report(
+            workspace_id=session.workspace_id,
+            call_sid=session.call_sid,
+            period=session.period,
+            day=session.day,
+            seq=session.seq + 1,
+            used_ms=total,
+            want_ms=budget.grant_ms if budget and not finished else 0,
+            now_ms=at_ms,
+            lease_ms=budget.lease_ms if budget else 0,
+            limit_ms=budget.limit_ms if budget else 0,
+            agent_id=session.agent_id,
+            number=session.number,
+            end_reason=session.end_reason if finished else None,
+            billable_extra_ms=extra,
+        )
 
     def _apply(
-        self, session: CallSession, total: int, finished: bool, result: object
+        self, session: CallSession, total: int, finished: bool, reply: ReportAnswer
     ) -> None:
-        if isinstance(result, Exception):
-            metering_logger.warning(
-                "meter report for call %s failed: %s", session.call_sid, result
+        session.seq += 1
+        if reply.added_ms > 0:
+            self._metrics.call_seconds.labels(session.workspace_id).inc(
+                reply.added_ms / 1000
             )
-            return
-        if result == _CLOSED_ELSEWHERE:
+        session.reported_ms = max(session.reported_ms, total)
+        if reply.state == "closed":
             # Another process settled this call (a SIP call's completed
             # callback can land anywhere); this session has nothing to add.
             self._forget(session)
             return
-        if isinstance(result, int) and result > 0:
-            self._metrics.call_seconds.labels(session.workspace_id).inc(result / 1000)
-        session.reported_ms = max(session.reported_ms, total)
         if finished:
             self._sessions.pop(session.call_sid, None)
+            return
+        if session.budget is None:
+            return
+        session.held_ms = reply.held_ms
+        if reply.state == "reclaimed":
+            # The grant was taken back: this process was presumed dead.
+            self._exhaust(session)
+        elif reply.held_ms < session.budget.grant_ms:
+            self._arm_timer(session, reply.held_ms)
+        else:
+            self._cancel_timer(session)
+
+    def _arm_timer(self, session: CallSession, held_ms: int) -> None:
+        """Final units: fire the exhaustion callback when ``held_ms`` runs out."""
+        self._cancel_timer(session)
+        loop = asyncio.get_running_loop()
+        session._timer = loop.call_later(held_ms / 1000, self._exhaust, session)
+
+    def _cancel_timer(self, session: CallSession) -> None:
+        if session._timer is not None:
+            session._timer.cancel()
+            session._timer = None
+
+    def _exhaust(self, session: CallSession) -> None:
+        session._timer = None
+        if session.exhausted or session.ended_ns is not None:
+            return
+        session.exhausted = True
+        if session.on_exhausted is None:
+            return
+        self._metrics.budget_cutoffs.labels(session.workspace_id).inc()
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            session.on_exhausted(session)
+        )
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
 
     def _forget(self, session: CallSession) -> None:
+        self._cancel_timer(session)
         if self._sessions.pop(session.call_sid, None) is not None and (
             session.ended_ns is None
         ):

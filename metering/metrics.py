@@ -44,6 +44,20 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.budget_cutoffs = Counter(
+            "budget_cutoffs",
+            "Calls ended because their workspace's budget ran out mid-call.",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.admissions_rejected = Counter(
+            "admissions_rejected",
+            "Calls refused at admission, by reason (budget, concurrency).",
+            ["workspace", "reason"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.webhooks = Counter(
             "webhooks",
             "Twilio webhook requests, by endpoint and outcome.",

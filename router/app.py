@@ -20,6 +20,7 @@ from media.vapi import VapiClient
 from metering.ledger import Ledger
 from metering.meter import Meter
 from metering.metrics import Metrics
+from metering.quota import Quota
 from router import sip, stream, webhooks
 from router.access import AccessLogger
 from router.settings import Settings
@@ -67,7 +68,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     workspaces = Workspaces(store, vault)
     numbers = Numbers(store, workspaces)
     ledger = Ledger(store)
-    meter = Meter(ledger, app[webhooks.METRICS], settings.flush_interval_ms)
+    quota = Quota(store)
+    meter = Meter(ledger, quota, app[webhooks.METRICS], settings.flush_interval_ms)
     http = aiohttp.ClientSession()
 
     app[api.OPERATOR_KEY] = settings.operator_key
@@ -77,7 +79,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[webhooks.TOKENS] = StreamTokens(
         settings.secret_key, store, settings.stream_token_ttl_secs
     )
-    app[stream.METER] = meter
+    app[webhooks.METER] = meter
     app[stream.VAPI] = VapiClient(
         http, settings.vapi_api_url, settings.upstream_timeout_secs
     )

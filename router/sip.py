@@ -15,8 +15,8 @@ from aiohttp import web
 from media.bridge import EndReason
 from metering.ledger import CallNotFoundError
 from router import twiml
-from router.stream import METER
 from router.webhooks import (
+    METER,
     METRICS,
     field,
     forbidden,

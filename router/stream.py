@@ -19,11 +19,11 @@ from media import frames
 from media.bridge import Bridge, BridgeResult, EndReason
 from media.recording import Recorder
 from media.vapi import VapiClient
-from metering.meter import CallSession, Meter
+from metering.meter import CallSession
 from router.control import TwilioCallControl
 from router.tokens import StreamClaims
 from router.twilio_api import TwilioApi
-from router.webhooks import METRICS, SETTINGS, SIGNER, TOKENS
+from router.webhooks import METER, METRICS, SETTINGS, SIGNER, TOKENS
 from tenancy import api
 from tenancy.errors import (
     SealError,
@@ -34,9 +34,7 @@ from tenancy.errors import (
 )
 from tenancy.logs import CallLog, call_logger, media_logger
 from tenancy.problems import problem
-from tenancy.workspaces import now_ms
 
-METER = web.AppKey("meter", Meter)
 VAPI = web.AppKey("vapi", VapiClient)
 LIVE_CALLS: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("live_calls")
 TWILIO_API = web.AppKey("twilio_api", TwilioApi)
@@ -162,13 +160,12 @@ async def _run_call(
     if start is None:
         reason = EndReason.PROTOCOL_ERROR
         try:
-            await app[api.LEDGER].close_call(
+            await app[METER].close_unstarted(
                 workspace_id,
                 claims.call_sid,
                 agent_id=claims.agent_id,
                 number=claims.number,
-                at_ms=now_ms(),
-                end_reason=reason.value,
+                reason=reason.value,
             )
         except redis.RedisError:
             log.warning("could not close the call record", exc_info=True)

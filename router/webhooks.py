@@ -15,6 +15,7 @@ from multidict import MultiDictProxy
 
 from media.retell import RetellClient, sip_uri
 from metering.ledger import CallNotFoundError
+from metering.meter import Meter
 from metering.metrics import Metrics
 from router import twiml
 from router.settings import Settings
@@ -39,6 +40,7 @@ SIGNER = web.AppKey("signer", TwilioSigner)
 TOKENS = web.AppKey("tokens", StreamTokens)
 
 RETELL = web.AppKey("retell", RetellClient)
+METER = web.AppKey("meter", Meter)
 
 STREAM_PATH = "/twilio/stream/"
 SIP_STATUS_PATH = "/twilio/sip-status/"
@@ -190,13 +192,12 @@ async def _close_unconnected(
     app: web.Application, workspace_id: str, route: Route, call_sid: str
 ) -> None:
     try:
-        await app[api.LEDGER].close_call(
+        await app[METER].close_unstarted(
             workspace_id,
             call_sid,
             agent_id=route.agent.id,
             number=route.number.e164,
-            at_ms=now_ms(),
-            end_reason="upstream_failed",
+            reason="upstream_failed",
         )
     except redis.RedisError:
         router_logger.warning("could not close call %s", call_sid, exc_info=True)

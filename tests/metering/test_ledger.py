@@ -6,6 +6,7 @@ import pytest
 import redis.asyncio as redis
 
 from metering.ledger import CallNotFoundError, Ledger, day_of, month_of
+from metering.quota import Quota, Report
 from tenancy import keyspace
 
 CALL = "CA" + "a" * 32
@@ -37,26 +38,36 @@ async def _open(ledger: Ledger, workspace: str, agent: str, at_ms: int) -> None:
     )
 
 
+_seq = iter(range(1, 1000))
+
+
 async def _report(
-    ledger: Ledger,
+    store: redis.Redis,
     workspace: str,
     agent: str,
     metered_ms: int,
     at_ms: int,
     end_reason: str | None = None,
 ) -> list[object]:
-    async with ledger.pipeline() as pipe:
-        await ledger.queue_meter(
-            pipe,
-            workspace,
-            CALL,
-            metered_ms=metered_ms,
+    """Report through report.lua with no grant, as a budget-less call does."""
+    reply = await Quota(store).report(
+        Report(
+            workspace_id=workspace,
+            call_sid=CALL,
+            period=month_of(at_ms),
+            day=day_of(at_ms),
+            seq=next(_seq),
+            used_ms=metered_ms,
+            want_ms=0,
+            now_ms=at_ms,
+            lease_ms=0,
+            limit_ms=0,
             agent_id=agent,
             number=NUMBER,
-            at_ms=at_ms,
             end_reason=end_reason,
         )
-        return list(await pipe.execute())
+    )
+    return [-1 if reply.state == "closed" and not reply.added_ms else reply.added_ms]
 
 
 def test_periods_are_utc_months_and_days() -> None:
@@ -73,10 +84,10 @@ async def test_cumulative_reports_never_count_twice(
     ledger = Ledger(store)
     at = 1_796_256_000_000
     await _open(ledger, workspace, agent, at)
-    assert await _report(ledger, workspace, agent, 1000, at) == [1000]
-    assert await _report(ledger, workspace, agent, 1000, at) == [0]
-    assert await _report(ledger, workspace, agent, 2500, at) == [1500]
-    assert await _report(ledger, workspace, agent, 2000, at) == [0]
+    assert await _report(store, workspace, agent, 1000, at) == [1000]
+    assert await _report(store, workspace, agent, 1000, at) == [0]
+    assert await _report(store, workspace, agent, 2500, at) == [1500]
+    assert await _report(store, workspace, agent, 2000, at) == [0]
     usage = await ledger.usage(workspace, "2026-12")
     assert (usage.ms, usage.calls) == (2500, 1)
     assert usage.agents[agent].ms == 2500
@@ -92,8 +103,8 @@ async def test_final_report_closes_the_record_once(
     ledger = Ledger(store)
     at = 1_796_256_000_000
     await _open(ledger, workspace, agent, at)
-    await _report(ledger, workspace, agent, 6000, at + 6000, "caller_hung_up")
-    await _report(ledger, workspace, agent, 6000, at + 9000, "agent_hung_up")
+    await _report(store, workspace, agent, 6000, at + 6000, "caller_hung_up")
+    await _report(store, workspace, agent, 6000, at + 9000, "agent_hung_up")
     record = await ledger.get_call(workspace, CALL)
     assert record.status == "completed"
     assert record.metered_ms == 6000
@@ -127,7 +138,7 @@ async def test_reports_for_unknown_calls_change_nothing(
     """Metering a call with no record neither creates it nor counts time."""
     workspace, agent = ids
     ledger = Ledger(store)
-    assert await _report(ledger, workspace, agent, 5000, 1_796_256_000_000) == [-1]
+    assert await _report(store, workspace, agent, 5000, 1_796_256_000_000) == [-1]
     assert (await ledger.usage(workspace, "2026-12")).ms == 0
     with pytest.raises(CallNotFoundError):
         await ledger.get_call(workspace, CALL)

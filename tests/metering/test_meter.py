@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from metering.ledger import Ledger, month_of
 from metering.meter import CallSession, Meter
 from metering.metrics import Metrics
+from metering.quota import Quota
 from router.store import EmbeddedValkey, connect
 from tenancy import keyspace
 from tenancy.workspaces import now_ms
@@ -53,7 +54,11 @@ class Rig:
     def __post_init__(self) -> None:
         self.ledger = Ledger(self.store)
         self.meter = Meter(
-            self.ledger, Metrics(self.registry), interval_ms=1000, clock=self.clock
+            self.ledger,
+            Quota(self.store),
+            Metrics(self.registry),
+            interval_ms=1000,
+            clock=self.clock,
         )
 
     async def begin(self, call_sid: str = CALL) -> CallSession:
