@@ -54,6 +54,10 @@ class EndReason(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     UPSTREAM_FAILED = "upstream_failed"
     SHUTDOWN = "shutdown"
+    # The workspace's budget ran out mid-call.
+    BUDGET = "budget"
+    # The process carrying the call vanished; a sweeper ended it.
+    OWNER_LOST = "owner_lost"
 
 
 class CallControl(Protocol):
@@ -67,6 +71,9 @@ class CallControl(Protocol):
 
     async def hang_up(self) -> bool:
         """End the call on Twilio's side; True if it was still up."""
+
+    async def cut_off(self) -> bool:
+        """Send the call to its plan's goodbye; True once Twilio accepted it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +129,7 @@ class Bridge:
         self._interruptions = 0
         self._malformed_frames = 0
         self._transferring: str | None = None
+        self._cut_off = False
         self._goodbye_mark: str | None = None
         self._goodbye_played = asyncio.Event()
 
@@ -228,8 +236,10 @@ class Bridge:
                         self._log.warning("agent platform dropped: %s", exc)
                         return EndReason.UPSTREAM_FAILED
                 elif isinstance(event, frames.Stop):
-                    # A redirect for a transfer stops the stream too, and its
-                    # stop can overtake the REST API's answer.
+                    # A redirect (transfer, budget) stops the stream too, and
+                    # its stop can overtake the REST API's answer.
+                    if self._cut_off:
+                        return EndReason.BUDGET
                     if self._transferring is not None:
                         return EndReason.TRANSFERRED
                     return EndReason.CALLER_HUNG_UP
@@ -240,7 +250,7 @@ class Bridge:
             elif message.type is WSMsgType.ERROR:
                 self._log.warning("twilio stream error: %s", self._twilio.exception())
                 return EndReason.STREAM_LOST
-        return EndReason.STREAM_LOST
+        return EndReason.BUDGET if self._cut_off else EndReason.STREAM_LOST
 
     async def _write_agent(self) -> EndReason:
         """Caller audio to the agent, oldest first, as fast as it will take it."""
@@ -304,6 +314,19 @@ class Bridge:
                     self._recorder.agent(payload)
             if self._sent_bytes - self._bytes_at_last_mark >= MARK_EVERY_BYTES:
                 await self._send_mark()
+
+    async def cut_off(self) -> None:
+        """The budget ran out: send the caller to the plan's goodbye.
+
+        Twilio ends the stream once it takes the redirect; if it will not,
+        closing the stream ends the call all the same.
+        """
+        if self._cut_off:
+            return
+        self._cut_off = True
+        self._log.info("budget exhausted; ending the call")
+        if not await self._control.cut_off():
+            await self._twilio.close(code=frames.CLOSE_NORMAL)
 
     async def _send_mark(self) -> str | None:
         """Mark the current end of sent agent audio; None if the stream is gone."""

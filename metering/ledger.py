@@ -130,10 +130,19 @@ class Ledger:
         number: str,
         stream_sid: str,
         started_at_ms: int,
+        period: str,
+        day: str,
     ) -> bool:
-        """Mark the call connected and count it; False if it had started before."""
+        """Mark the call connected and count it in ``period`` and ``day``.
+
+        Returns False if it had started before.
+        """
         result = await self._start(
-            keys=self._usage_keys(workspace_id, call_sid, started_at_ms),
+            keys=[
+                keyspace.call(workspace_id, call_sid),
+                keyspace.usage(workspace_id, period),
+                keyspace.usage(workspace_id, day),
+            ],
             args=[started_at_ms, agent_id, number, stream_sid],
         )
         if result == -1:
@@ -229,14 +238,6 @@ class Ledger:
             agents=agents,
             numbers=numbers,
         )
-
-    @staticmethod
-    def _usage_keys(workspace_id: str, call_sid: str, at_ms: int) -> list[str]:
-        return [
-            keyspace.call(workspace_id, call_sid),
-            keyspace.usage(workspace_id, month_of(at_ms)),
-            keyspace.usage(workspace_id, day_of(at_ms)),
-        ]
 
 
 def _optional_int(value: str | None) -> int | None:

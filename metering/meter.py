@@ -21,8 +21,9 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from metering.ledger import Ledger, day_of, month_of
+from metering.ledger import Ledger
 from metering.metrics import Metrics
+from metering.plans import day_of, period_of
 from metering.quota import Quota, Report, ReportAnswer, answer
 from tenancy.logs import metering_logger
 from tenancy.workspaces import now_ms
@@ -40,6 +41,7 @@ class Budget:
     """
 
     period: str
+    timezone: str
     grant_ms: int
     limit_ms: int
     lease_ms: int
@@ -143,6 +145,9 @@ class Meter:
         a repeated start must not meter the same call twice.
         """
         started_at_ms = now_ms()
+        zone = budget.timezone if budget else "UTC"
+        period = budget.period if budget else period_of(started_at_ms, zone).label
+        day = day_of(started_at_ms, zone)
         started = await self._ledger.start_call(
             workspace_id,
             call_sid,
@@ -150,6 +155,8 @@ class Meter:
             number=number,
             stream_sid=stream_sid,
             started_at_ms=started_at_ms,
+            period=period,
+            day=day,
         )
         if not started:
             return None
@@ -159,8 +166,8 @@ class Meter:
             agent_id=agent_id,
             number=number,
             started_ns=self._clock(),
-            period=budget.period if budget else month_of(started_at_ms),
-            day=day_of(started_at_ms),
+            period=period,
+            day=day,
             budget=budget,
             on_exhausted=on_exhausted,
             held_ms=budget.grant_ms if budget else 0,
@@ -207,8 +214,8 @@ class Meter:
             Report(
                 workspace_id=workspace_id,
                 call_sid=call_sid,
-                period=grant or month_of(started or ended_at_ms),
-                day=day_of(started or ended_at_ms),
+                period=grant or period_of(started or ended_at_ms, "UTC").label,
+                day=day_of(started or ended_at_ms, "UTC"),
                 seq=1 << 30,
                 used_ms=used_ms,
                 want_ms=0,
@@ -238,8 +245,8 @@ class Meter:
             Report(
                 workspace_id=workspace_id,
                 call_sid=call_sid,
-                period=grant or month_of(at_ms),
-                day=day_of(at_ms),
+                period=grant or period_of(at_ms, "UTC").label,
+                day=day_of(at_ms, "UTC"),
                 seq=1 << 30,
                 used_ms=0,
                 want_ms=0,

@@ -51,6 +51,13 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.grants_reclaimed = Counter(
+            "grants_reclaimed",
+            "Grants taken back from calls whose process stopped renewing them.",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.admissions_rejected = Counter(
             "admissions_rejected",
             "Calls refused at admission, by reason (budget, concurrency).",

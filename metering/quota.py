@@ -36,6 +36,7 @@ class Admission:
 
     granted_ms: int
     refused: Refusal | None = None
+    available_ms: int = 0
 
     @property
     def admitted(self) -> bool:
@@ -141,7 +142,7 @@ class Quota:
         )
         admitted, granted, reason = int(reply[0]), int(reply[1]), text(reply[2])
         if admitted:
-            return Admission(granted_ms=granted)
+            return Admission(granted_ms=granted, available_ms=int(reply[3]))
         return Admission(0, "concurrency" if reason == "concurrency" else "budget")
 
     async def queue_report(self, pipe: redis.client.Pipeline, report: Report) -> None:

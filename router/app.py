@@ -21,7 +21,7 @@ from metering.ledger import Ledger
 from metering.meter import Meter
 from metering.metrics import Metrics
 from metering.quota import Quota
-from router import sip, stream, webhooks
+from router import budget, sip, stream, webhooks
 from router.access import AccessLogger
 from router.settings import Settings
 from router.signatures import TwilioSigner
@@ -80,6 +80,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         settings.secret_key, store, settings.stream_token_ttl_secs
     )
     app[webhooks.METER] = meter
+    app[budget.QUOTA] = quota
     app[stream.VAPI] = VapiClient(
         http, settings.vapi_api_url, settings.upstream_timeout_secs
     )
@@ -90,10 +91,21 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         http, settings.twilio_api_url, twilio_tokens(settings)
     )
     app[HTTP] = http
+    sweeper = budget.Sweeper(
+        store,
+        quota,
+        meter,
+        app[stream.TWILIO_API],
+        app[webhooks.METRICS],
+        interval_secs=settings.lease_ms / 2000,
+    )
+    app[budget.SWEEPER] = sweeper
     meter.start()
+    sweeper.start()
     try:
         yield
     finally:
+        await sweeper.close()
         await meter.close()
         await http.close()
 

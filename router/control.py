@@ -9,6 +9,7 @@ a failed action must not take the rest of the call's cleanup down with it.
 from __future__ import annotations
 
 from metering.metrics import Metrics
+from metering.plans import Plan
 from router import twiml
 from router.twilio_api import TwilioApi, TwilioApiError
 from tenancy.logs import CallLog
@@ -26,6 +27,7 @@ class TwilioCallControl:
         policy: CallPolicy,
         metrics: Metrics,
         log: CallLog,
+        plan: Plan | None = None,
     ) -> None:
         self._api = api
         self._account_sid = account_sid
@@ -33,6 +35,7 @@ class TwilioCallControl:
         self._policy = policy
         self._metrics = metrics
         self._log = log
+        self._plan = plan
 
     async def transfer(self, number: str) -> bool:
         """Redirect the call to ``<Dial>number</Dial>``."""
@@ -43,6 +46,12 @@ class TwilioCallControl:
         accepted = await self._redirect(twiml.fallback(self._policy), "fallback")
         self._metrics.fallbacks.labels("done" if accepted else "failed").inc()
         return accepted
+
+    async def cut_off(self) -> bool:
+        """Redirect to the plan's goodbye, or its number for exhausted budgets."""
+        if self._plan is None:
+            return await self.hang_up()
+        return await self._redirect(twiml.time_up(self._plan), "budget")
 
     async def hang_up(self) -> bool:
         """End the call on Twilio's side."""

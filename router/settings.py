@@ -45,6 +45,8 @@ class Settings:
     flush_interval_ms: int
     upstream_timeout_secs: float
     store_timeout_secs: float
+    grant_ms: int
+    lease_ms: int
     generated_key_files: tuple[Path, ...] = ()
 
     @property
@@ -122,6 +124,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         / 1000,
         store_timeout_secs=_integer(env, "CALLGATE_STORE_TIMEOUT_MS", 1000, 50, 30000)
         / 1000,
+        grant_ms=_integer(env, "CALLGATE_GRANT_MS", 30_000, 1_000, 600_000),
+        lease_ms=_integer(env, "CALLGATE_LEASE_MS", 10_000, 2_000, 120_000),
         generated_key_files=tuple(generated),
     )
 

@@ -14,10 +14,16 @@ from aiohttp import web
 
 from media.bridge import EndReason
 from metering.ledger import CallNotFoundError
+from metering.meter import CallSession
+from metering.plans import period_of
 from router import twiml
+from router.budget import budget
+from router.stream import TWILIO_API
+from router.twilio_api import TwilioApiError
 from router.webhooks import (
     METER,
     METRICS,
+    SETTINGS,
     field,
     forbidden,
     signed_form,
@@ -27,6 +33,7 @@ from tenancy import api, keyspace
 from tenancy.errors import NotFoundError, SignatureError, StoreError
 from tenancy.logs import CallLog, call_logger, router_logger
 from tenancy.problems import problem
+from tenancy.workspaces import now_ms
 
 TERMINAL = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 
@@ -52,11 +59,36 @@ async def sip_status(request: web.Request) -> web.Response:
     try:
         record = await ledger.get_call(workspace_id, call_sid)
         if status == "in-progress" and app[METER].session(call_sid) is None:
+            plan = await app[api.WORKSPACES].plan(workspace_id)
+            call_budget = None
+            if plan is not None:
+                period = await ledger.grant_period(workspace_id, call_sid)
+                call_budget = budget(
+                    plan,
+                    period or period_of(now_ms(), plan.timezone).label,
+                    app[SETTINGS],
+                )
+            account_sid = field(form, "AccountSid")
+            api_client = app[TWILIO_API]
+
+            async def time_up(session: CallSession) -> None:
+                # The SIP leg carries no media through Callgate: end it by
+                # redirecting the parent call to the plan's goodbye.
+                assert plan is not None
+                try:
+                    await api_client.redirect(
+                        account_sid, call_sid, twiml.time_up(plan)
+                    )
+                except TwilioApiError:
+                    router_logger.warning("could not cut off call %s", call_sid)
+
             await app[METER].begin(
                 workspace_id,
                 call_sid,
                 agent_id=record.agent_id,
                 number=record.to_number,
+                budget=call_budget,
+                on_exhausted=time_up,
             )
             await ledger.set_fields(
                 workspace_id, call_sid, {"sip_call_sid": field(form, "CallSid")}
@@ -64,6 +96,9 @@ async def sip_status(request: web.Request) -> web.Response:
         elif status in TERMINAL and record.status != "completed":
             answered = status == "completed" and record.started_at_ms is not None
             reason = EndReason.COMPLETED if answered else EndReason.UPSTREAM_FAILED
+            session = app[METER].session(call_sid)
+            if session is not None and session.exhausted:
+                reason = EndReason.BUDGET
             await app[METER].end_call(workspace_id, call_sid, reason.value)
             CallLog(call_logger, {"workspace": workspace_id, "call": call_sid}).info(
                 "call ended reason=%s sip_status=%s", reason.value, status

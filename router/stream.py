@@ -20,6 +20,8 @@ from media.bridge import Bridge, BridgeResult, EndReason
 from media.recording import Recorder
 from media.vapi import VapiClient
 from metering.meter import CallSession
+from metering.plans import Plan, period_of
+from router.budget import Cutoff, budget
 from router.control import TwilioCallControl
 from router.tokens import StreamClaims
 from router.twilio_api import TwilioApi
@@ -34,6 +36,7 @@ from tenancy.errors import (
 )
 from tenancy.logs import CallLog, call_logger, media_logger
 from tenancy.problems import problem
+from tenancy.workspaces import now_ms
 
 VAPI = web.AppKey("vapi", VapiClient)
 LIVE_CALLS: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("live_calls")
@@ -172,13 +175,25 @@ async def _run_call(
         calls_log.info("call ended reason=%s metered_ms=0", reason.value)
         return
 
+    cutoff = Cutoff()
     try:
+        plan = await app[api.WORKSPACES].plan(workspace_id)
+        call_budget = None
+        if plan is not None:
+            period = await app[api.LEDGER].grant_period(workspace_id, claims.call_sid)
+            call_budget = budget(
+                plan,
+                period or period_of(now_ms(), plan.timezone).label,
+                app[SETTINGS],
+            )
         session = await app[METER].begin(
             workspace_id,
             claims.call_sid,
             agent_id=claims.agent_id,
             number=claims.number,
             stream_sid=start.stream_sid,
+            budget=call_budget,
+            on_exhausted=cutoff.fire,
         )
     except (StoreError, redis.RedisError, LookupError):
         session = None
@@ -189,7 +204,7 @@ async def _run_call(
         return
     reason = EndReason.UPSTREAM_FAILED
     try:
-        result = await _bridge(app, socket, state, session, claims, log)
+        result = await _bridge(app, socket, state, session, claims, plan, cutoff, log)
         reason = result.reason
         await _record(app, session, result, log)
     except asyncio.CancelledError:
@@ -229,6 +244,8 @@ async def _bridge(
     state: frames.StreamState,
     session: CallSession,
     claims: StreamClaims,
+    plan: Plan | None,
+    cutoff: Cutoff,
     log: CallLog,
 ) -> BridgeResult:
     """Open the agent's call and relay audio until one side ends."""
@@ -242,6 +259,7 @@ async def _bridge(
         workspace.policy,
         metrics,
         log,
+        plan,
     )
     try:
         agent = await workspaces.get_agent(session.workspace_id, session.agent_id)
@@ -285,6 +303,7 @@ async def _bridge(
         log,
         recorder,
     )
+    await cutoff.attach(bridge.cut_off)
     try:
         return await bridge.run()
     finally:

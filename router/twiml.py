@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from twilio.twiml.voice_response import VoiceResponse
 
+from metering.plans import Plan
 from tenancy.workspaces import CallPolicy
 
 UNAVAILABLE_MESSAGE = (
     "Sorry, this line is temporarily unavailable. Please try again later. Goodbye."
 )
 NOT_IN_SERVICE_MESSAGE = "Sorry, this number is not taking calls right now. Goodbye."
+BUSY_MESSAGE = "Sorry, all our lines are busy right now. Please call again shortly."
+OVER_BUDGET_MESSAGE = (
+    "Sorry, this line has reached its calling limit for now. "
+    "Please try again later. Goodbye."
+)
+TIME_UP_MESSAGE = "I'm sorry, the time for this call has run out. Goodbye."
 
 
 def reject() -> str:
@@ -36,6 +43,21 @@ def dial(number: str) -> str:
     response = VoiceResponse()
     response.dial(number)
     return str(response)
+
+
+def refuse(plan: Plan, reason: str) -> str:
+    """A call the plan cannot admit: ``<Reject/>``, or a polite message."""
+    if plan.reject_with == "reject":
+        return reject()
+    message = BUSY_MESSAGE if reason == "concurrency" else OVER_BUDGET_MESSAGE
+    return say_and_hang_up(message)
+
+
+def time_up(plan: Plan) -> str:
+    """What a call hears when its budget runs out mid-call."""
+    if plan.on_exhausted == "redirect" and plan.exhausted_redirect_number:
+        return dial(plan.exhausted_redirect_number)
+    return say_and_hang_up(TIME_UP_MESSAGE)
 
 
 def fallback(policy: CallPolicy) -> str:

@@ -17,7 +17,7 @@ from media.retell import RetellClient, sip_uri
 from metering.ledger import CallNotFoundError
 from metering.meter import Meter
 from metering.metrics import Metrics
-from router import twiml
+from router import budget, twiml
 from router.settings import Settings
 from router.signatures import TwilioSigner
 from router.tokens import StreamTokens
@@ -114,6 +114,29 @@ async def voice(request: web.Request) -> web.Response:
         return twiml_response(twiml.say_and_hang_up(twiml.NOT_IN_SERVICE_MESSAGE))
 
     try:
+        plan = await request.app[api.WORKSPACES].plan(route.workspace.id)
+        admission = None
+        if plan is not None:
+            admission = await budget.admit(
+                request.app[budget.QUOTA],
+                plan,
+                route,
+                call_sid,
+                account_sid,
+                request.app[SETTINGS],
+            )
+    except (StoreError, redis.RedisError):
+        count.labels("voice", "store_unavailable").inc()
+        router_logger.error("cannot admit call: store unavailable", exc_info=True)
+        return twiml_response(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
+    if plan is not None and admission is not None and admission.refused:
+        count.labels("voice", f"refused_{admission.refused}").inc()
+        request.app[METRICS].admissions_rejected.labels(
+            route.workspace.id, admission.refused
+        ).inc()
+        return twiml_response(twiml.refuse(plan, admission.refused))
+
+    try:
         await request.app[api.LEDGER].open_call(
             route.workspace.id,
             call_sid,
@@ -135,7 +158,14 @@ async def voice(request: web.Request) -> web.Response:
         return twiml_response(twiml.say_and_hang_up(twiml.UNAVAILABLE_MESSAGE))
 
     if route.agent.provider == "retell":
-        return await _route_to_retell(request, route, call_sid, field(form, "From"))
+        # <Dial timeLimit> backs the live cut-off up: it ends the SIP leg when
+        # the budget left at admission runs out, whatever else fails.
+        limit_secs = MAX_CALL_SECS
+        if admission is not None:
+            limit_secs = max(1, min(MAX_CALL_SECS, admission.available_ms // 1000))
+        return await _route_to_retell(
+            request, route, call_sid, field(form, "From"), limit_secs
+        )
     count.labels("voice", "routed").inc()
     url = request.app[SETTINGS].stream_base_url + STREAM_PATH + token
     parameters = {"workspace": route.workspace.id, "agent": route.agent.id}
@@ -143,7 +173,11 @@ async def voice(request: web.Request) -> web.Response:
 
 
 async def _route_to_retell(
-    request: web.Request, route: Route, call_sid: str, from_number: str
+    request: web.Request,
+    route: Route,
+    call_sid: str,
+    from_number: str,
+    time_limit_secs: int,
 ) -> web.Response:
     """Register the call with Retell and dial its SIP URI; no media via Callgate.
 
@@ -181,7 +215,7 @@ async def _route_to_retell(
     base = app[SETTINGS].public_url
     document = twiml.dial_sip(
         sip_uri(call_id),
-        time_limit_secs=MAX_CALL_SECS,
+        time_limit_secs=time_limit_secs,
         action_url=base + DIAL_ACTION_PATH + workspace.id,
         status_url=base + SIP_STATUS_PATH + workspace.id,
     )

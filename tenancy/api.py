@@ -6,6 +6,7 @@ models and every error is an RFC 9457 problem document.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -19,6 +20,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from metering.ledger import CallRecord, Ledger, Usage, month_of
+from metering.plans import Plan, hard_cap_ms
 from tenancy import keyspace
 from tenancy.errors import (
     CallgateError,
@@ -234,6 +236,43 @@ async def update_workspace(request: web.Request) -> web.Response:
     return _json(_workspace(workspace))
 
 
+async def put_plan(request: web.Request) -> web.Response:
+    """``PUT /workspaces/{workspace_id}/plan``: set the workspace's plan."""
+    workspaces = request.app[WORKSPACES]
+    workspace = await workspaces.get(request.match_info["workspace_id"])
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise InvalidInputError("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidInputError("request body must be a JSON object")
+    known = {field.name for field in dataclasses.fields(Plan)}
+    for name in body:
+        if name not in known:
+            raise InvalidInputError("unknown plan field", field=str(name))
+    try:
+        plan = Plan(**body)
+    except TypeError as exc:
+        raise InvalidInputError(f"plan field has the wrong type: {exc}") from None
+    await workspaces.set_plan(workspace.id, plan)
+    tenancy_logger.info("set the plan of workspace %s", workspace.id)
+    return _json(_plan(plan))
+
+
+async def get_plan(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/plan``: 404 when no budget is enforced."""
+    workspaces = request.app[WORKSPACES]
+    workspace = await workspaces.get(request.match_info["workspace_id"])
+    plan = await workspaces.plan(workspace.id)
+    if plan is None:
+        raise NotFoundError("no plan")
+    return _json(_plan(plan))
+
+
+def _plan(plan: Plan) -> dict[str, Any]:
+    return {**plan.to_json(), "hard_cap_ms": hard_cap_ms(plan)}
+
+
 async def create_agent(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/agents``; the API key is never returned."""
     workspace_id = request.match_info["workspace_id"]
@@ -366,6 +405,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(PREFIX + "/workspaces", list_workspaces)
     app.router.add_get(ws, get_workspace)
     app.router.add_patch(ws, update_workspace)
+    app.router.add_put(ws + "/plan", put_plan)
+    app.router.add_get(ws + "/plan", get_plan)
     app.router.add_post(ws + "/agents", create_agent)
     app.router.add_get(ws + "/agents", list_agents)
     app.router.add_post(ws + "/numbers", attach_number)

@@ -12,6 +12,7 @@ from typing import Literal
 
 import redis.asyncio as redis
 
+from metering.plans import Plan
 from tenancy import keyspace
 from tenancy.errors import AgentNotFoundError, WorkspaceNotFoundError
 from tenancy.replies import HashFields, text_map, texts
@@ -138,6 +139,17 @@ class Workspaces:
         if fields:
             await self._store.hset(keyspace.workspace(current.id), mapping=fields)
         return await self.get(workspace_id)
+
+    async def plan(self, workspace_id: str) -> Plan | None:
+        """The workspace's plan, or ``None`` when no budget is enforced."""
+        fields = text_map(await self._store.hgetall(keyspace.plan(workspace_id)))
+        return Plan.from_fields(fields) if fields else None
+
+    async def set_plan(self, workspace_id: str, plan: Plan) -> None:
+        """Replace the workspace's plan; running calls follow it within a grant."""
+        await self.get(workspace_id)
+        mapping: HashFields = plan.to_fields()
+        await self._store.hset(keyspace.plan(workspace_id), mapping=mapping)
 
     async def all(self) -> list[Workspace]:
         """Every workspace, oldest first."""

@@ -7,23 +7,25 @@
 -- ARGV[6] period label, ARGV[7] smallest useful grant ms, ARGV[8] call sid,
 -- ARGV[9] Twilio account sid (so a sweeper can hang the call up)
 --
--- Returns {1, granted ms, "ok"} or {0, 0, "concurrency" | "budget"}.
--- Admitting the same call twice returns its existing grant.
+-- Returns {1, granted ms, "ok", available ms} or {0, 0, "concurrency" |
+-- "budget", 0}, where available is what the period had left before this
+-- grant. Admitting the same call twice returns its existing grant.
 local now = tonumber(ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  return {1, tonumber(redis.call('HGET', KEYS[2], 'held_ms')), 'ok'}
+  local held = tonumber(redis.call('HGET', KEYS[2], 'held_ms'))
+  return {1, held, 'ok', held}
 end
 -- Leases past their expiry belong to vanished processes; they do not count.
 local live = redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')
 if live >= tonumber(ARGV[4]) then
-  return {0, 0, 'concurrency'}
+  return {0, 0, 'concurrency', 0}
 end
 redis.call('HSET', KEYS[1], 'limit_ms', ARGV[5])
 local used = tonumber(redis.call('HGET', KEYS[1], 'used_ms') or '0')
 local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved_ms') or '0')
 local available = tonumber(ARGV[5]) - used - reserved
 if available < tonumber(ARGV[7]) then
-  return {0, 0, 'budget'}
+  return {0, 0, 'budget', 0}
 end
 local grant = math.min(tonumber(ARGV[2]), available)
 local lease_until = now + tonumber(ARGV[3])
@@ -32,4 +34,4 @@ redis.call('HSET', KEYS[2], 'held_ms', grant, 'used_ms', 0, 'seq', 0,
   'lease_until_ms', lease_until, 'period', ARGV[6], 'state', 'active',
   'account_sid', ARGV[9])
 redis.call('ZADD', KEYS[3], lease_until, ARGV[8])
-return {1, grant, 'ok'}
+return {1, grant, 'ok', available}

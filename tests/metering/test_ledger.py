@@ -35,6 +35,8 @@ async def _open(ledger: Ledger, workspace: str, agent: str, at_ms: int) -> None:
         number=NUMBER,
         stream_sid="MZ" + "b" * 32,
         started_at_ms=at_ms,
+        period=month_of(at_ms),
+        day=day_of(at_ms),
     )
 
 
@@ -127,6 +129,8 @@ async def test_start_counts_a_call_once(
         number=NUMBER,
         stream_sid="MZ" + "b" * 32,
         started_at_ms=at + 5,
+        period=month_of(at + 5),
+        day=day_of(at + 5),
     )
     assert again is False
     assert (await ledger.usage(workspace, "2026-12")).calls == 1

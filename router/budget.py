@@ -1,0 +1,168 @@
+"""Budgets at the edges of a call: admission, the call's grant, the cut-off, sweeping.
+
+The quota engine (metering.quota) does the arithmetic; this module decides
+when to ask it. A workspace without a plan has no budget: its calls are
+admitted and metered, never cut off. With a plan, a call is admitted against
+the period's hard cap and concurrency cap, renews its grant while it runs, and
+is sent to the plan's goodbye (or redirect number) when nothing more can be
+granted. Every process sweeps for leases whose owner stopped renewing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import redis.asyncio as redis
+from aiohttp import web
+
+from metering.meter import Budget, CallSession, Meter
+from metering.metrics import Metrics
+from metering.plans import Plan, hard_cap_ms, period_of
+from metering.quota import Admission, Quota
+from router.settings import Settings
+from router.twilio_api import TwilioApi, TwilioApiError
+from tenancy import keyspace
+from tenancy.logs import metering_logger
+from tenancy.numbers import Route
+from tenancy.replies import texts
+from tenancy.workspaces import now_ms
+
+BILLING_STEP_MS = {"second": 1_000, "six_seconds": 6_000, "minute": 60_000}
+# The smallest first grant worth answering a call for.
+MIN_GRANT_MS = 1_000
+
+QUOTA = web.AppKey("quota", Quota)
+SWEEPER: web.AppKey[Sweeper] = web.AppKey("sweeper")
+
+
+async def admit(
+    quota: Quota,
+    plan: Plan,
+    route: Route,
+    call_sid: str,
+    account_sid: str,
+    settings: Settings,
+) -> Admission:
+    """Take the call's concurrency lease and first grant, or say why not."""
+    at_ms = now_ms()
+    return await quota.admit(
+        route.workspace.id,
+        call_sid,
+        period=period_of(at_ms, plan.timezone).label,
+        limit_ms=hard_cap_ms(plan),
+        max_concurrent=plan.max_concurrent_calls,
+        grant_ms=settings.grant_ms,
+        min_grant_ms=MIN_GRANT_MS,
+        lease_ms=settings.lease_ms,
+        account_sid=account_sid,
+        now_ms=at_ms,
+    )
+
+
+def budget(plan: Plan, period: str, settings: Settings) -> Budget:
+    """How a call under ``plan`` renews its grant, for the meter."""
+    return Budget(
+        period=period,
+        timezone=plan.timezone,
+        grant_ms=settings.grant_ms,
+        limit_ms=hard_cap_ms(plan),
+        lease_ms=settings.lease_ms,
+        billing_step_ms=BILLING_STEP_MS[plan.billing_increment],
+    )
+
+
+class Cutoff:
+    """Carries a call's budget exhaustion to whatever can end the call.
+
+    The meter may fire before the code that ends the call is in place (a
+    tiny last grant), so a firing is remembered until an action is attached.
+    """
+
+    def __init__(self) -> None:
+        self.fired = False
+        self._action: Callable[[], Coroutine[Any, Any, None]] | None = None
+
+    async def fire(self, session: CallSession) -> None:
+        """The meter's exhaustion callback."""
+        self.fired = True
+        if self._action is not None:
+            await self._action()
+
+    async def attach(self, action: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Set what ending the call means; run it now if the budget already ran out."""
+        self._action = action
+        if self.fired:
+            await action()
+
+
+class Sweeper:
+    """Returns grants whose leases expired and hangs their calls up.
+
+    A lease expires when the process that held it stopped renewing it, which
+    means it died. Any process's sweeper may find it; the reclaim script lets
+    exactly one of them take the grant back.
+    """
+
+    def __init__(
+        self,
+        store: redis.Redis,
+        quota: Quota,
+        meter: Meter,
+        twilio: TwilioApi,
+        metrics: Metrics,
+        interval_secs: float,
+    ) -> None:
+        self._store = store
+        self._quota = quota
+        self._meter = meter
+        self._twilio = twilio
+        self._metrics = metrics
+        self._interval_secs = interval_secs
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Sweep every ``interval_secs`` until closed."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="lease-sweeper")
+
+    async def close(self) -> None:
+        """Stop sweeping."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def sweep(self) -> int:
+        """Reclaim every expired lease now; return how many calls it ended."""
+        ended = 0
+        workspace_ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
+        for workspace_id in workspace_ids:
+            for lost in await self._quota.reclaim_expired(workspace_id, now_ms()):
+                self._metrics.grants_reclaimed.labels(workspace_id).inc()
+                metering_logger.warning(
+                    "reclaimed %d ms from call %s of a vanished process",
+                    lost.returned_ms,
+                    lost.call_sid,
+                )
+                try:
+                    await self._twilio.complete(lost.account_sid, lost.call_sid)
+                except TwilioApiError:
+                    metering_logger.warning(
+                        "could not hang up orphaned call %s", lost.call_sid
+                    )
+                await self._meter.end_call(workspace_id, lost.call_sid, "owner_lost")
+                ended += 1
+        return ended
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_secs)
+            started = time.monotonic()
+            try:
+                await self.sweep()
+            except redis.RedisError:
+                metering_logger.warning("lease sweep failed; will retry", exc_info=True)
+            metering_logger.debug("swept leases in %.3fs", time.monotonic() - started)
