@@ -203,6 +203,25 @@ class CallgateProcess:
             response.raise_for_status()
         return workspace["id"]
 
+    async def put_plan(self, workspace_id: str, plan: dict[str, Any]) -> None:
+        """Set the workspace's plan through the API."""
+        async with self.http.put(
+            f"{self.base_url}/api/v1/workspaces/{workspace_id}/plan",
+            json=plan,
+            headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
+        ) as response:
+            assert response.status == 200, await response.text()
+
+    async def call_record(self, workspace_id: str, call_sid: str) -> dict[str, Any]:
+        """One call record, read through the API."""
+        async with self.http.get(
+            f"{self.base_url}/api/v1/workspaces/{workspace_id}/calls/{call_sid}",
+            headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
+        ) as response:
+            assert response.status == 200, await response.text()
+            record: dict[str, Any] = await response.json()
+            return record
+
     async def usage(self, workspace_id: str) -> dict[str, Any]:
         """This month's usage of a workspace, read through the API."""
         async with self.http.get(
