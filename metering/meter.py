@@ -193,13 +193,20 @@ class Meter:
         self._metrics.calls_ended.labels(session.workspace_id, reason).inc()
         await self.flush([session])
 
-    async def end_call(self, workspace_id: str, call_sid: str, reason: str) -> None:
+    async def end_call(
+        self,
+        workspace_id: str,
+        call_sid: str,
+        reason: str,
+        billing_step_ms: int = 0,
+    ) -> None:
         """End a call whose end was reported to this process, wherever it began.
 
         A SIP call's callbacks may reach any process. If this one holds the
         session it ends it; otherwise it settles the record from its start
-        time on the server clock, and the process holding the session drops it
-        at its next report.
+        time on the server clock, rounded up to ``billing_step_ms`` (0 for no
+        rounding) as the plan bills it, and the process holding the session
+        drops it at its next report.
         """
         session = self._sessions.get(call_sid)
         if session is not None:
@@ -225,6 +232,7 @@ class Meter:
                 agent_id=record.agent_id,
                 number=record.to_number,
                 end_reason=reason,
+                billable_extra_ms=-used_ms % billing_step_ms if billing_step_ms else 0,
             )
         )
         self._metrics.calls_ended.labels(workspace_id, reason).inc()

@@ -93,6 +93,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[HTTP] = http
     sweeper = budget.Sweeper(
         store,
+        workspaces,
         quota,
         meter,
         app[stream.TWILIO_API],

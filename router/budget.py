@@ -28,7 +28,7 @@ from tenancy import keyspace
 from tenancy.logs import metering_logger
 from tenancy.numbers import Route
 from tenancy.replies import texts
-from tenancy.workspaces import now_ms
+from tenancy.workspaces import Workspaces, now_ms
 
 BILLING_STEP_MS = {"second": 1_000, "six_seconds": 6_000, "minute": 60_000}
 # The smallest first grant worth answering a call for.
@@ -109,6 +109,7 @@ class Sweeper:
     def __init__(
         self,
         store: redis.Redis,
+        workspaces: Workspaces,
         quota: Quota,
         meter: Meter,
         twilio: TwilioApi,
@@ -116,6 +117,7 @@ class Sweeper:
         interval_secs: float,
     ) -> None:
         self._store = store
+        self._workspaces = workspaces
         self._quota = quota
         self._meter = meter
         self._twilio = twilio
@@ -147,13 +149,19 @@ class Sweeper:
                     lost.returned_ms,
                     lost.call_sid,
                 )
+                # Settle before hanging up, so the books are closed by the time
+                # anything outside can see the call end.
+                plan = await self._workspaces.plan(workspace_id)
+                step = BILLING_STEP_MS[plan.billing_increment] if plan else 0
+                await self._meter.end_call(
+                    workspace_id, lost.call_sid, "owner_lost", billing_step_ms=step
+                )
                 try:
                     await self._twilio.complete(lost.account_sid, lost.call_sid)
                 except TwilioApiError:
                     metering_logger.warning(
                         "could not hang up orphaned call %s", lost.call_sid
                     )
-                await self._meter.end_call(workspace_id, lost.call_sid, "owner_lost")
                 ended += 1
         return ended
 

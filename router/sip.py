@@ -17,7 +17,7 @@ from metering.ledger import CallNotFoundError
 from metering.meter import CallSession
 from metering.plans import period_of
 from router import twiml
-from router.budget import budget
+from router.budget import BILLING_STEP_MS, budget
 from router.stream import TWILIO_API
 from router.twilio_api import TwilioApiError
 from router.webhooks import (
@@ -99,7 +99,11 @@ async def sip_status(request: web.Request) -> web.Response:
             session = app[METER].session(call_sid)
             if session is not None and session.exhausted:
                 reason = EndReason.BUDGET
-            await app[METER].end_call(workspace_id, call_sid, reason.value)
+            plan = await app[api.WORKSPACES].plan(workspace_id)
+            step = BILLING_STEP_MS[plan.billing_increment] if plan else 0
+            await app[METER].end_call(
+                workspace_id, call_sid, reason.value, billing_step_ms=step
+            )
             CallLog(call_logger, {"workspace": workspace_id, "call": call_sid}).info(
                 "call ended reason=%s sip_status=%s", reason.value, status
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -168,6 +169,7 @@ class CallgateProcess:
 
     base_url: str
     pid: int
+    process: asyncio.subprocess.Process
     http: aiohttp.ClientSession
     account: TwilioAccount
     twilio: TwilioSimulator
@@ -291,14 +293,18 @@ def _free_port() -> int:
 
 @asynccontextmanager
 async def callgate_process(
-    data_dir: Path, **env: str
+    data_dir: Path, peers: Peers | None = None, **env: str
 ) -> AsyncIterator[CallgateProcess]:
-    """Run ``python -m router.cli serve`` on its embedded store until the block ends.
+    """Run ``python -m router.cli serve`` until the block ends.
 
     The server runs in its own process so it has a core to itself while the
-    peers, which cost as much CPU as Callgate, run in this one.
+    peers, which cost as much CPU as Callgate, run in this one. Several
+    processes may share ``peers``, as they share one Twilio account in
+    production; without it each gets peers of its own.
     """
-    async with running_peers() as peers:
+    async with contextlib.AsyncExitStack() as stack:
+        if peers is None:
+            peers = await stack.enter_async_context(running_peers())
         port = _free_port()
         base_url = f"http://127.0.0.1:{port}"
         process = await asyncio.create_subprocess_exec(
@@ -333,6 +339,7 @@ async def callgate_process(
             yield CallgateProcess(
                 base_url=base_url,
                 pid=process.pid,
+                process=process,
                 http=http,
                 account=peers.account,
                 twilio=twilio,
@@ -342,7 +349,8 @@ async def callgate_process(
         finally:
             await twilio.close()
             await http.close()
-            process.terminate()
+            if process.returncode is None:
+                process.terminate()
             await process.wait()
             await drain
 

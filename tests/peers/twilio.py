@@ -5,7 +5,7 @@ import binascii
 import email.utils
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -26,6 +26,7 @@ from .twilio_auth import (
 )
 from .twilio_call import TERMINAL_STATUSES, CallStatus, ProtocolError, SimulatedCall
 from .twilio_dial import DialedLeg, LegStatus
+from .waiting import Changes
 from .webhooks import WebhookDelivery, WebhookSender
 
 __all__ = [
@@ -210,6 +211,7 @@ class FakeTwilioRest:
 
     def __init__(self) -> None:
         self.requests: list[RecordedRequest] = []
+        self._recorded = Changes()
         self._accounts: dict[str, TwilioAccount] = {}
         self._calls: dict[str, SimulatedCall] = {}
         self._runner: web.AppRunner | None = None
@@ -248,6 +250,19 @@ class FakeTwilioRest:
             await self._runner.cleanup()
             self._runner = None
 
+    async def wait_for_requests(
+        self,
+        matches: Callable[[RecordedRequest], bool],
+        count: int,
+        timeout_secs: float,
+    ) -> None:
+        """Wait until ``count`` recorded requests satisfy ``matches``."""
+        await self._recorded.wait_until(
+            lambda: sum(1 for r in self.requests if matches(r)) >= count,
+            f"{count} matching REST requests",
+            timeout_secs,
+        )
+
     def count(self, method: str, status: int | None = None) -> int:
         """Count recorded requests by method (and answered status, if given)."""
         return sum(
@@ -273,6 +288,7 @@ class FakeTwilioRest:
             self.requests.append(
                 RecordedRequest(request.method, request.path, form, status)
             )
+            self._recorded.notify()
 
     def _authenticate(self, request: web.Request) -> web.Response | None:
         account = self._accounts.get(request.match_info["account_sid"])

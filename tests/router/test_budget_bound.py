@@ -12,7 +12,7 @@ import redis.asyncio as redis
 from metering.plans import period_of
 from metering.quota import Quota
 from tenancy.workspaces import now_ms
-from tests.harness import CallgateProcess, callgate_process
+from tests.harness import CallgateProcess, callgate_process, running_peers
 from tests.peers.audio import split_frames, tone_mulaw
 from tests.peers.errors import PeerError
 
@@ -77,13 +77,14 @@ async def test_the_overrun_bound_holds_across_four_processes(
         "CALLGATE_LEASE_MS": "5000",
     }
     async with contextlib.AsyncExitStack() as stack:
+        peers = await stack.enter_async_context(running_peers())
         processes = [
-            await stack.enter_async_context(callgate_process(tmp_path / f"p{i}", **env))
+            await stack.enter_async_context(
+                callgate_process(tmp_path / f"p{i}", peers, **env)
+            )
             for i in range(PROCESSES)
         ]
         workspace_id = await processes[0].tenant("load", NUMBER)
-        for process in processes[1:]:
-            process.vapi.add_key("vapi-key-load")
         await processes[0].put_plan(
             workspace_id,
             {

@@ -1,0 +1,90 @@
+"""A process dies with calls in flight: its grants come back, its calls end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import redis.asyncio as redis
+
+from metering.plans import period_of
+from metering.quota import Quota
+from tenancy.workspaces import now_ms
+from tests.harness import callgate_process, running_peers
+from tests.peers.audio import split_frames, tone_mulaw
+from tests.peers.twilio import RecordedRequest
+
+NUMBER = "+15005550100"
+CALLS = 5
+LEASE_MS = 2_000
+TICK_MS = 200
+
+
+async def test_killed_process_returns_its_grants_and_its_calls_end(
+    store: redis.Redis, valkey_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL mid-call: within L the grants return and the calls are hung up."""
+    env = {
+        "CALLGATE_REDIS_URL": valkey_url,
+        "CALLGATE_FLUSH_INTERVAL_MS": str(TICK_MS),
+        "CALLGATE_GRANT_MS": "1000",
+        "CALLGATE_LEASE_MS": str(LEASE_MS),
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        peers = await stack.enter_async_context(running_peers())
+        doomed = await stack.enter_async_context(
+            callgate_process(tmp_path / "doomed", peers, **env)
+        )
+        survivor = await stack.enter_async_context(
+            callgate_process(tmp_path / "survivor", peers, **env)
+        )
+        workspace_id = await survivor.tenant("alpha", NUMBER)
+        await survivor.put_plan(
+            workspace_id,
+            {"included_minutes": 60, "max_concurrent_calls": CALLS},
+        )
+        calls = []
+        for index in range(CALLS):
+            call = await doomed.twilio.place_call(NUMBER, f"+1415555000{index}")
+            peers.twilio_rest.register_call(call)
+            await call.open_stream()
+            calls.append(call)
+        tone = tone_mulaw(440, duration_ms=600)
+        await asyncio.gather(*(call.send_audio(split_frames(tone)) for call in calls))
+        await asyncio.gather(
+            *(call.wait_for_audio(len(tone), timeout_secs=5) for call in calls)
+        )
+        period = period_of(now_ms(), "UTC").label
+        before = await Quota(store).state(workspace_id, period)
+        assert before.reserved_ms > 0
+
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        doomed.process.send_signal(signal.SIGKILL)
+        sids = {call.sid for call in calls}
+
+        def hang_up(request: RecordedRequest) -> bool:
+            return request.form.get("Status") == "completed" and any(
+                sid in request.path for sid in sids
+            )
+
+        # The survivor's sweeper runs every L/2; a lease lapses L after its
+        # last renewal: every call is hung up within L + L/2 of the kill.
+        await peers.twilio_rest.wait_for_requests(hang_up, CALLS, timeout_secs=10)
+        assert loop.time() - killed_at <= (LEASE_MS * 1.5 + 1_000) / 1000
+
+        after = await Quota(store).state(workspace_id, period)
+        assert after.reserved_ms == 0
+        assert await Quota(store).live_calls(workspace_id, now_ms()) == 0
+        records = [await survivor.call_record(workspace_id, sid) for sid in sids]
+        assert {record["end_reason"] for record in records} == {"owner_lost"}
+        usage = await survivor.usage(workspace_id)
+        metered = sum(record["metered_ms"] for record in records)
+        # Nothing counted twice: usage is the sum of the calls, each of which
+        # ran from its start until the sweeper hung it up.
+        assert usage["ms"] == metered
+        for record in records:
+            assert 600 <= record["metered_ms"] <= 600 + LEASE_MS * 2 + 1_000
+        assert after.used_ms == sum(-(-r["metered_ms"] // 1000) * 1000 for r in records)
