@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
-import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 
 from tenancy import keyspace
 from tenancy.errors import NotFoundError
-from tenancy.replies import HashFields, text_map, text_or_none, texts
+from tenancy.replies import HashFields, Store, text_map, text_or_none, texts
 
 
 def month_of(epoch_ms: int) -> str:
@@ -80,7 +79,7 @@ class Usage:
     numbers: dict[str, UsageLine] = field(default_factory=dict)
 
 
-def _script(store: redis.Redis, name: str) -> AsyncScript:
+def _script(store: Store, name: str) -> AsyncScript:
     source = files("metering").joinpath("lua", f"{name}.lua").read_text("utf-8")
     return store.register_script(source)
 
@@ -88,7 +87,7 @@ def _script(store: redis.Redis, name: str) -> AsyncScript:
 class Ledger:
     """Reads and writes call records and usage counters for every workspace."""
 
-    def __init__(self, store: redis.Redis) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
         self._start = _script(store, "start")
         self._twilio_status = _script(store, "twilio_status")
@@ -148,10 +147,6 @@ class Ledger:
         if result == -1:
             raise CallNotFoundError(call_sid)
         return bool(result == 1)
-
-    def pipeline(self) -> redis.client.Pipeline:
-        """A non-transactional pipeline for batching reports."""
-        return self._store.pipeline(transaction=False)
 
     async def grant_period(self, workspace_id: str, call_sid: str) -> str | None:
         """The billing period a call's grant was taken from, if it has one."""

@@ -24,7 +24,7 @@ import redis.asyncio as redis
 from metering.ledger import Ledger
 from metering.metrics import Metrics
 from metering.plans import day_of, period_of
-from metering.quota import Quota, Report, ReportAnswer, answer
+from metering.quota import Quota, Report, ReportAnswer
 from tenancy.logs import metering_logger
 from tenancy.workspaces import now_ms
 
@@ -284,45 +284,39 @@ class Meter:
         now_ns = self._clock()
         at_ms = now_ms()
         queued: list[tuple[CallSession, int, bool]] = []
-        async with self._ledger.pipeline() as pipe:
-            for session in batch:
-                total = session.metered_ms(now_ns)
-                # Snapshot whether this report carries the end: the call may
-                # end while the write is in flight, and only a write that
-                # carried the end may retire the session.
-                finished = session.end_reason is not None
-                if (
-                    total <= session.reported_ms
-                    and not finished
-                    and not (
-                        session.budget and session.held_ms < session.budget.grant_ms
-                    )
-                ):
-                    continue
-                await self._quota.queue_report(
-                    pipe, self._report(session, total, at_ms, finished)
-                )
-                queued.append((session, total, finished))
-            if not queued:
-                return
-            try:
-                results = await pipe.execute(raise_on_error=False)
-            except redis.RedisError:
-                self._metrics.meter_flushes.labels("error").inc()
+        reports: list[Report] = []
+        for session in batch:
+            total = session.metered_ms(now_ns)
+            # Snapshot whether this report carries the end: the call may end
+            # while the write is in flight, and only a write that carried the
+            # end may retire the session.
+            finished = session.end_reason is not None
+            topping_up = session.budget and session.held_ms < session.budget.grant_ms
+            if total <= session.reported_ms and not finished and not topping_up:
+                continue
+            reports.append(self._report(session, total, at_ms, finished))
+            queued.append((session, total, finished))
+        if not reports:
+            return
+        try:
+            replies = await self._quota.report_many(reports)
+        except redis.RedisError:
+            self._metrics.meter_flushes.labels("error").inc()
+            metering_logger.warning(
+                "could not report %d call meters; will retry",
+                len(reports),
+                exc_info=True,
+            )
+            return
+        failed = sum(1 for reply in replies if isinstance(reply, BaseException))
+        self._metrics.meter_flushes.labels("error" if failed else "ok").inc()
+        for (session, total, finished), reply in zip(queued, replies, strict=True):
+            if isinstance(reply, BaseException):
                 metering_logger.warning(
-                    "could not report %d call meters; will retry",
-                    len(queued),
-                    exc_info=True,
-                )
-                return
-        self._metrics.meter_flushes.labels("ok").inc()
-        for (session, total, finished), result in zip(queued, results, strict=True):
-            if isinstance(result, Exception):
-                metering_logger.warning(
-                    "report for call %s failed: %s", session.call_sid, result
+                    "report for call %s failed: %s", session.call_sid, reply
                 )
                 continue
-            self._apply(session, total, finished, answer(result))
+            self._apply(session, total, finished, reply)
 
     def _report(
         self, session: CallSession, total: int, at_ms: int, finished: bool

@@ -11,21 +11,23 @@ runs unchanged on Redis Cluster.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from tenancy import keyspace
-from tenancy.replies import text, text_map
+from tenancy.replies import Store, text, text_map
 
 Refusal = Literal["concurrency", "budget"]
 ReportState = Literal["ok", "settled", "reclaimed", "closed"]
 
 
-def _script(store: redis.Redis, name: str) -> AsyncScript:
+def _script(store: Store, name: str) -> AsyncScript:
     source = files("metering").joinpath("lua", f"{name}.lua").read_text("utf-8")
     return store.register_script(source)
 
@@ -101,8 +103,9 @@ class Report:
 class Quota:
     """Admits, renews, settles and reclaims grants in the store."""
 
-    def __init__(self, store: redis.Redis) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
+        self._clustered = isinstance(store, RedisCluster)
         self._admit = _script(store, "admit")
         self._report = _script(store, "report")
         self._reclaim = _script(store, "reclaim")
@@ -147,39 +150,38 @@ class Quota:
 
     async def queue_report(self, pipe: redis.client.Pipeline, report: Report) -> None:
         """Queue ``report`` on ``pipe``; parse its reply with :func:`answer`."""
-        workspace_id = report.workspace_id
         await self._report(
-            keys=[
-                keyspace.quota(workspace_id, report.period),
-                keyspace.grant(workspace_id, report.call_sid),
-                keyspace.leases(workspace_id),
-                keyspace.call(workspace_id, report.call_sid),
-                keyspace.usage(workspace_id, report.period),
-                keyspace.usage(workspace_id, report.day),
-            ],
-            args=[
-                report.seq,
-                report.used_ms,
-                report.want_ms,
-                report.now_ms,
-                report.lease_ms,
-                report.limit_ms,
-                "1" if report.end_reason is not None else "0",
-                report.end_reason or "",
-                report.agent_id,
-                report.number,
-                report.billable_extra_ms,
-                report.call_sid,
-            ],
-            client=pipe,
+            keys=_report_keys(report), args=_report_args(report), client=pipe
         )
+
+    async def report_many(
+        self, reports: list[Report]
+    ) -> list[ReportAnswer | BaseException]:
+        """Send every report at once; a failed one is its exception in the list.
+
+        On one server the reports share a pipeline (one round trip); a Redis
+        Cluster refuses scripts in pipelines, so there they go concurrently,
+        each to its workspace's slot.
+        """
+        if self._clustered:
+            replies = await asyncio.gather(
+                *(self._report_now(report) for report in reports),
+                return_exceptions=True,
+            )
+            return [r if isinstance(r, BaseException) else answer(r) for r in replies]
+        assert isinstance(self._store, redis.Redis)
+        async with self._store.pipeline(transaction=False) as pipe:
+            for report in reports:
+                await self.queue_report(pipe, report)
+            raw = await pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, BaseException) else answer(r) for r in raw]
+
+    async def _report_now(self, report: Report) -> Any:
+        return await self._report(keys=_report_keys(report), args=_report_args(report))
 
     async def report(self, report: Report) -> ReportAnswer:
         """Send one report on its own (tests and settlement outside a batch)."""
-        async with self._store.pipeline(transaction=False) as pipe:
-            await self.queue_report(pipe, report)
-            (reply,) = await pipe.execute()
-        return answer(reply)
+        return answer(await self._report_now(report))
 
     async def state(self, workspace_id: str, period: str) -> QuotaState:
         """The workspace's budget for ``period`` as the store holds it now."""
@@ -234,6 +236,35 @@ class Quota:
                     )
                 )
         return reclaimed
+
+
+def _report_keys(report: Report) -> list[str]:
+    workspace_id = report.workspace_id
+    return [
+        keyspace.quota(workspace_id, report.period),
+        keyspace.grant(workspace_id, report.call_sid),
+        keyspace.leases(workspace_id),
+        keyspace.call(workspace_id, report.call_sid),
+        keyspace.usage(workspace_id, report.period),
+        keyspace.usage(workspace_id, report.day),
+    ]
+
+
+def _report_args(report: Report) -> list[str | int]:
+    return [
+        report.seq,
+        report.used_ms,
+        report.want_ms,
+        report.now_ms,
+        report.lease_ms,
+        report.limit_ms,
+        "1" if report.end_reason is not None else "0",
+        report.end_reason or "",
+        report.agent_id,
+        report.number,
+        report.billable_extra_ms,
+        report.call_sid,
+    ]
 
 
 _STATES: dict[str, ReportState] = {

@@ -5,6 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
+
+# A store client: one server, or a Redis Cluster (every workspace's keys share a
+# hash slot, so the scripts and single-slot transactions work on either).
+Store = redis.Redis | RedisCluster
+
 # A hash mapping as redis-py's types accept it: its key type is invariant, so a
 # precise dict[str, str] does not fit; values are str or int in practice.
 HashFields = dict[Any, Any]

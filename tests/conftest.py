@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
 from router.store import connect, valkey_binary
+from tests.cluster import running_cluster
 from tests.harness import Harness, running_callgate
 
 _READY = b"Ready to accept connections"
@@ -79,3 +81,24 @@ async def callgate(
     """Callgate with its protocol peers, on an empty store."""
     async with running_callgate(valkey_url, tmp_path) as harness:
         yield harness
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[str]:
+    """A ``redis://`` URL of a three-primary Valkey Cluster for the session.
+
+    It starts only when a test asks for it, and costs about two seconds.
+    """
+    with running_cluster(primaries=3) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: str) -> AsyncIterator[RedisCluster]:
+    """A client of the session's cluster, every primary emptied before each test."""
+    client = RedisCluster.from_url(redis_cluster, decode_responses=True)
+    await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    try:
+        yield client
+    finally:
+        await client.aclose()

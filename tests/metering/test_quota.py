@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import redis.asyncio as redis
 
 from metering.ledger import Ledger
 from metering.quota import Quota, Report
 from tenancy import keyspace
+from tenancy.replies import Store
 
 PERIOD = "2026-12"
 DAY = "2026-12-03"
@@ -22,10 +22,18 @@ def _sid(index: int) -> str:
     return f"CA{index:032x}"
 
 
+@pytest.fixture(params=["server", "cluster"])
+def engine_store(request: pytest.FixtureRequest) -> Store:
+    """The engine's store: one Valkey server, or a real three-primary cluster."""
+    fixture = "store" if request.param == "server" else "cluster_store"
+    chosen: Store = request.getfixturevalue(fixture)
+    return chosen
+
+
 class Workspace:
     """One workspace's quota, with helpers to admit and report its calls."""
 
-    def __init__(self, store: redis.Redis, limit_ms: int, max_concurrent: int) -> None:
+    def __init__(self, store: Store, limit_ms: int, max_concurrent: int) -> None:
         self.quota = Quota(store)
         self.ledger = Ledger(store)
         self.id = keyspace.new_id("ws")
@@ -74,9 +82,9 @@ class Workspace:
         return replace(base, **changes)  # type: ignore[arg-type]
 
 
-async def test_admit_caps_concurrency_by_live_leases(store: redis.Redis) -> None:
+async def test_admit_caps_concurrency_by_live_leases(engine_store: Store) -> None:
     """Past the cap a call is refused for concurrency; expired leases free room."""
-    workspace = Workspace(store, limit_ms=3_600_000, max_concurrent=2)
+    workspace = Workspace(engine_store, limit_ms=3_600_000, max_concurrent=2)
     assert await workspace.admit(1) == 30_000
     assert await workspace.admit(2) == 30_000
     refused = await workspace.quota.admit(
@@ -96,9 +104,9 @@ async def test_admit_caps_concurrency_by_live_leases(store: redis.Redis) -> None
     assert await workspace.admit(3, now=NOW + 11_000) == 30_000
 
 
-async def test_admit_grants_only_what_the_budget_has_left(store: redis.Redis) -> None:
+async def test_admit_grants_only_what_the_budget_has_left(engine_store: Store) -> None:
     """A grant is cut to the remaining budget; an empty budget refuses."""
-    workspace = Workspace(store, limit_ms=45_000, max_concurrent=10)
+    workspace = Workspace(engine_store, limit_ms=45_000, max_concurrent=10)
     assert await workspace.admit(1) == 30_000
     assert await workspace.admit(2) == 15_000
     assert await workspace.admit(3) == -1
@@ -110,9 +118,9 @@ async def test_admit_grants_only_what_the_budget_has_left(store: redis.Redis) ->
     )
 
 
-async def test_report_debits_renews_and_ignores_retries(store: redis.Redis) -> None:
+async def test_report_debits_renews_and_ignores_retries(engine_store: Store) -> None:
     """A report debits use and tops the grant up; the same report again does nothing."""
-    workspace = Workspace(store, limit_ms=3_600_000, max_concurrent=10)
+    workspace = Workspace(engine_store, limit_ms=3_600_000, max_concurrent=10)
     await workspace.admit(1)
     first = await workspace.quota.report(workspace.report(1, seq=1, used_ms=10_000))
     assert (first.granted_ms, first.held_ms, first.state, first.added_ms) == (
@@ -127,9 +135,9 @@ async def test_report_debits_renews_and_ignores_retries(store: redis.Redis) -> N
     assert (state.used_ms, state.reserved_ms) == (10_000, 30_000)
 
 
-async def test_report_counts_overrun_past_the_grant(store: redis.Redis) -> None:
+async def test_report_counts_overrun_past_the_grant(engine_store: Store) -> None:
     """Use beyond the grant is still debited; the budget can go negative only so."""
-    workspace = Workspace(store, limit_ms=20_000, max_concurrent=10)
+    workspace = Workspace(engine_store, limit_ms=20_000, max_concurrent=10)
     assert await workspace.admit(1) == 20_000
     answer = await workspace.quota.report(workspace.report(1, seq=1, used_ms=21_500))
     assert (answer.held_ms, answer.granted_ms) == (0, 0)
@@ -137,9 +145,9 @@ async def test_report_counts_overrun_past_the_grant(store: redis.Redis) -> None:
     assert (state.used_ms, state.reserved_ms) == (21_500, 0)
 
 
-async def test_final_report_settles_and_returns_the_rest(store: redis.Redis) -> None:
+async def test_final_report_settles_and_returns_the_rest(engine_store: Store) -> None:
     """Settlement debits the exact use, returns the reservation, frees the lease."""
-    workspace = Workspace(store, limit_ms=3_600_000, max_concurrent=1)
+    workspace = Workspace(engine_store, limit_ms=3_600_000, max_concurrent=1)
     await workspace.admit(1)
     settled = await workspace.quota.report(
         workspace.report(
@@ -162,9 +170,9 @@ async def test_final_report_settles_and_returns_the_rest(store: redis.Redis) -> 
     assert await workspace.admit(2) == 30_000  # the lease is free again
 
 
-async def test_plan_change_applies_at_the_next_renewal(store: redis.Redis) -> None:
+async def test_plan_change_applies_at_the_next_renewal(engine_store: Store) -> None:
     """Lowering the limit stops further grants; the grant already held stays."""
-    workspace = Workspace(store, limit_ms=3_600_000, max_concurrent=10)
+    workspace = Workspace(engine_store, limit_ms=3_600_000, max_concurrent=10)
     await workspace.admit(1)
     answer = await workspace.quota.report(
         workspace.report(1, seq=1, used_ms=5_000, limit_ms=20_000)
@@ -172,9 +180,11 @@ async def test_plan_change_applies_at_the_next_renewal(store: redis.Redis) -> No
     assert (answer.granted_ms, answer.held_ms) == (0, 25_000)
 
 
-async def test_reclaim_returns_an_expired_calls_reservation(store: redis.Redis) -> None:
+async def test_reclaim_returns_an_expired_calls_reservation(
+    engine_store: Store,
+) -> None:
     """A lease past expiry gives its grant back; its late report is refused."""
-    workspace = Workspace(store, limit_ms=60_000, max_concurrent=10)
+    workspace = Workspace(engine_store, limit_ms=60_000, max_concurrent=10)
     await workspace.admit(1)
     await workspace.admit(2)
     await workspace.quota.report(workspace.report(2, seq=1, used_ms=9_000))
@@ -193,10 +203,10 @@ async def test_reclaim_returns_an_expired_calls_reservation(store: redis.Redis) 
 
 @pytest.mark.parametrize("seq", [0, 1])
 async def test_report_without_a_grant_still_counts_usage(
-    store: redis.Redis, seq: int
+    engine_store: Store, seq: int
 ) -> None:
     """A call admitted before budgets existed is metered all the same."""
-    workspace = Workspace(store, limit_ms=60_000, max_concurrent=10)
+    workspace = Workspace(engine_store, limit_ms=60_000, max_concurrent=10)
     await workspace.ledger.open_call(
         workspace.id,
         _sid(9),
@@ -210,3 +220,24 @@ async def test_report_without_a_grant_still_counts_usage(
     )
     assert (answer.added_ms, answer.state) == (4_000, "ok")
     assert (await workspace.ledger.usage(workspace.id, PERIOD)).ms == 4_000
+
+
+async def test_many_reports_go_at_once_and_each_is_answered(
+    engine_store: Store,
+) -> None:
+    """A batch of reports (one pipeline, or concurrent on a cluster) all land."""
+    workspace = Workspace(engine_store, limit_ms=3_600_000, max_concurrent=10)
+    for index in range(1, 6):
+        await workspace.admit(index)
+    answers = await workspace.quota.report_many(
+        [workspace.report(index, seq=1, used_ms=1_000 * index) for index in range(1, 6)]
+    )
+    assert [a.added_ms for a in answers if not isinstance(a, BaseException)] == [
+        1_000,
+        2_000,
+        3_000,
+        4_000,
+        5_000,
+    ]
+    state = await workspace.quota.state(workspace.id, PERIOD)
+    assert state.used_ms == 15_000
