@@ -58,6 +58,8 @@ class EndReason(StrEnum):
     BUDGET = "budget"
     # The process carrying the call vanished; a sweeper ended it.
     OWNER_LOST = "owner_lost"
+    # The store was unreachable and the workspace's policy ended the call.
+    STORE_OUTAGE = "store_outage"
 
 
 class CallControl(Protocol):
@@ -129,7 +131,7 @@ class Bridge:
         self._interruptions = 0
         self._malformed_frames = 0
         self._transferring: str | None = None
-        self._cut_off = False
+        self._cut_off: EndReason | None = None
         self._goodbye_mark: str | None = None
         self._goodbye_played = asyncio.Event()
 
@@ -238,8 +240,8 @@ class Bridge:
                 elif isinstance(event, frames.Stop):
                     # A redirect (transfer, budget) stops the stream too, and
                     # its stop can overtake the REST API's answer.
-                    if self._cut_off:
-                        return EndReason.BUDGET
+                    if self._cut_off is not None:
+                        return self._cut_off
                     if self._transferring is not None:
                         return EndReason.TRANSFERRED
                     return EndReason.CALLER_HUNG_UP
@@ -250,7 +252,7 @@ class Bridge:
             elif message.type is WSMsgType.ERROR:
                 self._log.warning("twilio stream error: %s", self._twilio.exception())
                 return EndReason.STREAM_LOST
-        return EndReason.BUDGET if self._cut_off else EndReason.STREAM_LOST
+        return self._cut_off or EndReason.STREAM_LOST
 
     async def _write_agent(self) -> EndReason:
         """Caller audio to the agent, oldest first, as fast as it will take it."""
@@ -315,16 +317,17 @@ class Bridge:
             if self._sent_bytes - self._bytes_at_last_mark >= MARK_EVERY_BYTES:
                 await self._send_mark()
 
-    async def cut_off(self) -> None:
-        """The budget ran out: send the caller to the plan's goodbye.
+    async def cut_off(self, reason: str) -> None:
+        """End the call for ``reason`` (the budget ran out, or the store is
+        down and the policy says terminate): send it to the plan's goodbye.
 
         Twilio ends the stream once it takes the redirect; if it will not,
         closing the stream ends the call all the same.
         """
-        if self._cut_off:
+        if self._cut_off is not None:
             return
-        self._cut_off = True
-        self._log.info("budget exhausted; ending the call")
+        self._cut_off = EndReason(reason)
+        self._log.info("ending the call: %s", reason)
         if not await self._control.cut_off():
             await self._twilio.close(code=frames.CLOSE_NORMAL)
 

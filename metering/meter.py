@@ -17,10 +17,11 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as redis
 
+from metering.journal import Journal
 from metering.ledger import Ledger
 from metering.metrics import Metrics
 from metering.plans import day_of, period_of
@@ -46,6 +47,10 @@ class Budget:
     limit_ms: int
     lease_ms: int
     billing_step_ms: int = 1000
+    # What a call does while the store is unreachable: run on what it holds
+    # plus an emergency grant G, or be ended at once.
+    outage: Literal["continue", "terminate"] = "continue"
+    emergency_grant_ms: int = 60_000
 
 
 @dataclass(slots=True, eq=False)
@@ -67,6 +72,8 @@ class CallSession:
     seq: int = 0
     held_ms: int = 0
     exhausted: bool = False
+    cutoff_reason: str = "budget"
+    stranded: bool = False
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     def metered_ms(self, now_ns: int) -> int:
@@ -85,9 +92,16 @@ class Meter:
         metrics: Metrics,
         interval_ms: int,
         clock: Callable[[], int] = time.monotonic_ns,
+        journal: Journal | None = None,
     ) -> None:
-        """``clock`` returns monotonic nanoseconds; tests may pass their own."""
+        """``clock`` returns monotonic nanoseconds; tests may pass their own.
+
+        With a ``journal``, reports the store cannot take are written there
+        and replayed later, instead of being held in memory only.
+        """
         self._ledger = ledger
+        self._journal = journal
+        self.store_up = True
         self._quota = quota
         self._metrics = metrics
         self._clock = clock
@@ -278,7 +292,28 @@ class Meter:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_secs)
+            await self.replay()
             await self.flush()
+
+    async def replay(self) -> bool:
+        """Deliver the journal to the store; True once nothing is left in it."""
+        journal = self._journal
+        if journal is None or not journal.depth:
+            return True
+        # Under the flush lock: a report journaled mid-replay must not be
+        # forgotten by the replay's done().
+        async with self._flush_lock:
+            reports = journal.take()
+            try:
+                replies = await self._quota.report_many(reports)
+            except redis.RedisError:
+                return False
+            if any(isinstance(reply, BaseException) for reply in replies):
+                return False
+            journal.done()
+        self._metrics.journal_depth.set(journal.depth)
+        metering_logger.info("replayed %d journaled reports", len(reports))
+        return True
 
     async def _write(self, batch: list[CallSession]) -> None:
         now_ns = self._clock()
@@ -302,12 +337,12 @@ class Meter:
             replies = await self._quota.report_many(reports)
         except redis.RedisError:
             self._metrics.meter_flushes.labels("error").inc()
-            metering_logger.warning(
-                "could not report %d call meters; will retry",
-                len(reports),
-                exc_info=True,
-            )
+            self._store_lost(queued, reports)
             return
+        if not self.store_up:
+            self.store_up = True
+            self._metrics.store_up.set(1)
+            metering_logger.warning("store reachable again")
         failed = sum(1 for reply in replies if isinstance(reply, BaseException))
         self._metrics.meter_flushes.labels("error" if failed else "ok").inc()
         for (session, total, finished), reply in zip(queued, replies, strict=True):
@@ -317,6 +352,38 @@ class Meter:
                 )
                 continue
             self._apply(session, total, finished, reply)
+
+    def _store_lost(
+        self, queued: list[tuple[CallSession, int, bool]], reports: list[Report]
+    ) -> None:
+        """The store is unreachable: journal the reports, apply each outage policy."""
+        if self.store_up:
+            self.store_up = False
+            self._metrics.store_up.set(0)
+            metering_logger.error("store unreachable; journaling usage", exc_info=True)
+        if self._journal is None:
+            return  # the sessions keep their totals and are reported again
+        self._journal.append(reports)
+        self._metrics.journal_depth.set(self._journal.depth)
+        now_ns = self._clock()
+        for session, total, finished in queued:
+            # Journaled counts as delivered: the replay will deliver it.
+            session.seq += 1
+            last_total = session.reported_ms
+            session.reported_ms = max(session.reported_ms, total)
+            if finished:
+                self._sessions.pop(session.call_sid, None)
+                continue
+            budget = session.budget
+            if budget is None or session.stranded:
+                continue
+            session.stranded = True
+            if budget.outage == "terminate":
+                self._exhaust(session, "store_outage")
+            else:
+                used_since = session.metered_ms(now_ns) - last_total
+                left_ms = session.held_ms - used_since + budget.emergency_grant_ms
+                self._arm_timer(session, max(0, left_ms), "store_outage")
 
     def _report(
         self, session: CallSession, total: int, at_ms: int, finished: bool
@@ -363,6 +430,7 @@ class Meter:
         if session.budget is None:
             return
         session.held_ms = reply.held_ms
+        session.stranded = False
         if reply.state == "reclaimed":
             # The grant was taken back: this process was presumed dead.
             self._exhaust(session)
@@ -371,22 +439,25 @@ class Meter:
         else:
             self._cancel_timer(session)
 
-    def _arm_timer(self, session: CallSession, held_ms: int) -> None:
+    def _arm_timer(
+        self, session: CallSession, held_ms: int, reason: str = "budget"
+    ) -> None:
         """Final units: fire the exhaustion callback when ``held_ms`` runs out."""
         self._cancel_timer(session)
         loop = asyncio.get_running_loop()
-        session._timer = loop.call_later(held_ms / 1000, self._exhaust, session)
+        session._timer = loop.call_later(held_ms / 1000, self._exhaust, session, reason)
 
     def _cancel_timer(self, session: CallSession) -> None:
         if session._timer is not None:
             session._timer.cancel()
             session._timer = None
 
-    def _exhaust(self, session: CallSession) -> None:
+    def _exhaust(self, session: CallSession, reason: str = "budget") -> None:
         session._timer = None
         if session.exhausted or session.ended_ns is not None:
             return
         session.exhausted = True
+        session.cutoff_reason = reason
         if session.on_exhausted is None:
             return
         self._metrics.budget_cutoffs.labels(session.workspace_id).inc()

@@ -65,6 +65,19 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.store_up = Gauge(
+            "store_up",
+            "1 while this process's last report reached the store, else 0.",
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.store_up.set(1)
+        self.journal_depth = Gauge(
+            "journal_depth",
+            "Reports journaled locally while the store was unreachable.",
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.webhooks = Counter(
             "webhooks",
             "Twilio webhook requests, by endpoint and outcome.",

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from media.retell import RetellClient
 from media.vapi import VapiClient
+from metering.journal import Journal
 from metering.ledger import Ledger
 from metering.meter import Meter
 from metering.metrics import Metrics
@@ -69,7 +70,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     numbers = Numbers(store, workspaces)
     ledger = Ledger(store)
     quota = Quota(store)
-    meter = Meter(ledger, quota, app[webhooks.METRICS], settings.flush_interval_ms)
+    meter = Meter(
+        ledger,
+        quota,
+        app[webhooks.METRICS],
+        settings.flush_interval_ms,
+        journal=Journal(settings.data_dir / "journal"),
+    )
     http = aiohttp.ClientSession()
 
     app[api.OPERATOR_KEY] = settings.operator_key

@@ -28,7 +28,7 @@ from tenancy import keyspace
 from tenancy.logs import metering_logger
 from tenancy.numbers import Route
 from tenancy.replies import texts
-from tenancy.workspaces import Workspaces, now_ms
+from tenancy.workspaces import CallPolicy, Workspaces, now_ms
 
 BILLING_STEP_MS = {"second": 1_000, "six_seconds": 6_000, "minute": 60_000}
 # The smallest first grant worth answering a call for.
@@ -62,8 +62,8 @@ async def admit(
     )
 
 
-def budget(plan: Plan, period: str, settings: Settings) -> Budget:
-    """How a call under ``plan`` renews its grant, for the meter."""
+def budget(plan: Plan, policy: CallPolicy, period: str, settings: Settings) -> Budget:
+    """How a call under ``plan`` renews its grant and rides out a store outage."""
     return Budget(
         period=period,
         timezone=plan.timezone,
@@ -71,6 +71,8 @@ def budget(plan: Plan, period: str, settings: Settings) -> Budget:
         limit_ms=hard_cap_ms(plan),
         lease_ms=settings.lease_ms,
         billing_step_ms=BILLING_STEP_MS[plan.billing_increment],
+        outage=policy.outage,
+        emergency_grant_ms=policy.emergency_grant_ms,
     )
 
 
@@ -82,20 +84,20 @@ class Cutoff:
     """
 
     def __init__(self) -> None:
-        self.fired = False
-        self._action: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self.reason: str | None = None
+        self._action: Callable[[str], Coroutine[Any, Any, None]] | None = None
 
     async def fire(self, session: CallSession) -> None:
-        """The meter's exhaustion callback."""
-        self.fired = True
+        """The meter's exhaustion callback; the session says why."""
+        self.reason = session.cutoff_reason
         if self._action is not None:
-            await self._action()
+            await self._action(self.reason)
 
-    async def attach(self, action: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Set what ending the call means; run it now if the budget already ran out."""
+    async def attach(self, action: Callable[[str], Coroutine[Any, Any, None]]) -> None:
+        """Set what ending the call means; run it now if it was already due."""
         self._action = action
-        if self.fired:
-            await action()
+        if self.reason is not None:
+            await action(self.reason)
 
 
 class Sweeper:

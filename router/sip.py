@@ -63,8 +63,10 @@ async def sip_status(request: web.Request) -> web.Response:
             call_budget = None
             if plan is not None:
                 period = await ledger.grant_period(workspace_id, call_sid)
+                policy = (await app[api.WORKSPACES].get(workspace_id)).policy
                 call_budget = budget(
                     plan,
+                    policy,
                     period or period_of(now_ms(), plan.timezone).label,
                     app[SETTINGS],
                 )
@@ -98,7 +100,7 @@ async def sip_status(request: web.Request) -> web.Response:
             reason = EndReason.COMPLETED if answered else EndReason.UPSTREAM_FAILED
             session = app[METER].session(call_sid)
             if session is not None and session.exhausted:
-                reason = EndReason.BUDGET
+                reason = EndReason(session.cutoff_reason)
             plan = await app[api.WORKSPACES].plan(workspace_id)
             step = BILLING_STEP_MS[plan.billing_increment] if plan else 0
             await app[METER].end_call(

@@ -181,8 +181,10 @@ async def _run_call(
         call_budget = None
         if plan is not None:
             period = await app[api.LEDGER].grant_period(workspace_id, claims.call_sid)
+            policy = (await app[api.WORKSPACES].get(workspace_id)).policy
             call_budget = budget(
                 plan,
+                policy,
                 period or period_of(now_ms(), plan.timezone).label,
                 app[SETTINGS],
             )

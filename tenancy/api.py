@@ -61,6 +61,8 @@ class PolicyFields(_Body):
     fallback_number: Phone | None = None
     transfer_numbers: Annotated[list[Phone] | None, Field(max_length=50)] = None
     recording: bool | None = None
+    outage: Literal["continue", "terminate"] | None = None
+    emergency_grant_ms: Annotated[int | None, Field(ge=0, le=3_600_000)] = None
 
     def merged(self, current: CallPolicy) -> CallPolicy:
         """``current`` with every field given in this body replaced."""
@@ -78,6 +80,10 @@ class PolicyFields(_Body):
             recording=self.recording
             if self.recording is not None
             else current.recording,
+            outage=self.outage or current.outage,
+            emergency_grant_ms=self.emergency_grant_ms
+            if self.emergency_grant_ms is not None
+            else current.emergency_grant_ms,
         )
 
 
@@ -137,6 +143,8 @@ def _workspace(workspace: Workspace) -> dict[str, Any]:
         "fallback_number": policy.fallback_number,
         "transfer_numbers": list(policy.transfer_numbers),
         "recording": policy.recording,
+        "outage": policy.outage,
+        "emergency_grant_ms": policy.emergency_grant_ms,
     }
 
 

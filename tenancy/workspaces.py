@@ -47,6 +47,8 @@ class CallPolicy:
     fallback_number: str | None = None
     transfer_numbers: tuple[str, ...] = ()
     recording: bool = False
+    outage: Literal["continue", "terminate"] = "continue"
+    emergency_grant_ms: int = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +242,8 @@ def _policy_fields(policy: CallPolicy) -> HashFields:
         "fallback_number": policy.fallback_number or "",
         "transfer_numbers": ",".join(policy.transfer_numbers),
         "recording": int(policy.recording),
+        "outage": policy.outage,
+        "emergency_grant_ms": policy.emergency_grant_ms,
     }
 
 
@@ -256,6 +260,8 @@ def _workspace(fields: dict[str, str]) -> Workspace:
             fallback_number=fields.get("fallback_number") or None,
             transfer_numbers=tuple(numbers.split(",")) if numbers else (),
             recording=fields.get("recording") == "1",
+            outage="terminate" if fields.get("outage") == "terminate" else "continue",
+            emergency_grant_ms=int(fields.get("emergency_grant_ms", 60_000)),
         ),
     )
 
