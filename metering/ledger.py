@@ -57,6 +57,7 @@ class CallRecord:
     interruptions: int = 0
     dropped_frames: int = 0
     recording: str | None = None
+    cost_micros: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class Usage:
     period: str
     ms: int
     calls: int
+    cost_micros: int = 0
     agents: dict[str, UsageLine] = field(default_factory=dict)
     numbers: dict[str, UsageLine] = field(default_factory=dict)
 
@@ -230,6 +232,7 @@ class Ledger:
             period=period,
             ms=int(fields.get("ms", 0)),
             calls=int(fields.get("calls", 0)),
+            cost_micros=int(fields.get("cost_micros", 0)),
             agents=agents,
             numbers=numbers,
         )
@@ -264,4 +267,5 @@ def _record(fields: dict[str, str]) -> CallRecord:
         interruptions=int(fields.get("interruptions", 0)),
         dropped_frames=int(fields.get("dropped_frames", 0)),
         recording=fields.get("recording") or None,
+        cost_micros=int(fields.get("cost_micros", 0)),
     )

@@ -24,7 +24,7 @@ import redis.asyncio as redis
 from metering.journal import Journal
 from metering.ledger import Ledger
 from metering.metrics import Metrics
-from metering.plans import day_of, period_of
+from metering.plans import Provider, RateCard, call_cost_micros, day_of, period_of
 from metering.quota import Quota, Report, ReportAnswer
 from tenancy.logs import metering_logger
 from tenancy.workspaces import now_ms
@@ -66,6 +66,7 @@ class CallSession:
     day: str
     budget: Budget | None = None
     on_exhausted: Exhausted | None = None
+    provider: Provider = "vapi"
     ended_ns: int | None = None
     end_reason: str | None = None
     reported_ms: int = 0
@@ -93,6 +94,7 @@ class Meter:
         interval_ms: int,
         clock: Callable[[], int] = time.monotonic_ns,
         journal: Journal | None = None,
+        rates: RateCard | None = None,
     ) -> None:
         """``clock`` returns monotonic nanoseconds; tests may pass their own.
 
@@ -101,6 +103,7 @@ class Meter:
         """
         self._ledger = ledger
         self._journal = journal
+        self._rates = rates or RateCard()
         self.store_up = True
         self._quota = quota
         self._metrics = metrics
@@ -150,6 +153,7 @@ class Meter:
         stream_sid: str = "",
         budget: Budget | None = None,
         on_exhausted: Exhausted | None = None,
+        provider: Provider = "vapi",
     ) -> CallSession | None:
         """Start metering a call that just connected (media or SIP leg).
 
@@ -184,6 +188,7 @@ class Meter:
             day=day,
             budget=budget,
             on_exhausted=on_exhausted,
+            provider=provider,
             held_ms=budget.grant_ms if budget else 0,
         )
         self._sessions[call_sid] = session
@@ -247,6 +252,7 @@ class Meter:
                 number=record.to_number,
                 end_reason=reason,
                 billable_extra_ms=-used_ms % billing_step_ms if billing_step_ms else 0,
+                cost_micros=self._cost(used_ms, record.provider or "vapi"),
             )
         )
         self._metrics.calls_ended.labels(workspace_id, reason).inc()
@@ -408,7 +414,13 @@ class Meter:
             number=session.number,
             end_reason=session.end_reason if finished else None,
             billable_extra_ms=extra,
+            cost_micros=self._cost(total, session.provider) if finished else 0,
         )
+
+    def _cost(self, metered_ms: int, provider: str) -> int:
+        """What serving a call of ``metered_ms`` cost, by the rate card."""
+        platform: Provider = "retell" if provider == "retell" else "vapi"
+        return call_cost_micros(metered_ms, platform, self._rates).total_micros
 
     def _apply(
         self, session: CallSession, total: int, finished: bool, reply: ReportAnswer

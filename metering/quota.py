@@ -98,6 +98,7 @@ class Report:
     number: str
     end_reason: str | None = None
     billable_extra_ms: int = 0
+    cost_micros: int = 0
 
 
 class Quota:
@@ -264,6 +265,7 @@ def _report_args(report: Report) -> list[str | int]:
         report.number,
         report.billable_extra_ms,
         report.call_sid,
+        report.cost_micros,
     ]
 
 

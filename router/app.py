@@ -76,6 +76,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[webhooks.METRICS],
         settings.flush_interval_ms,
         journal=Journal(settings.data_dir / "journal"),
+        rates=settings.rates,
     )
     http = aiohttp.ClientSession()
 
@@ -87,7 +88,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         settings.secret_key, store, settings.stream_token_ttl_secs
     )
     app[webhooks.METER] = meter
-    app[budget.QUOTA] = quota
+    app[api.QUOTA] = quota
     app[stream.VAPI] = VapiClient(
         http, settings.vapi_api_url, settings.upstream_timeout_secs
     )

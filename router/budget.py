@@ -34,7 +34,6 @@ BILLING_STEP_MS = {"second": 1_000, "six_seconds": 6_000, "minute": 60_000}
 # The smallest first grant worth answering a call for.
 MIN_GRANT_MS = 1_000
 
-QUOTA = web.AppKey("quota", Quota)
 SWEEPER: web.AppKey[Sweeper] = web.AppKey("sweeper")
 
 

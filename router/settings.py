@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from metering.plans import RateCard
 from tenancy.errors import ConfigError
 from tenancy.keyspace import ACCOUNT_SID
 from tenancy.logs import router_logger
@@ -47,6 +48,7 @@ class Settings:
     store_timeout_secs: float
     grant_ms: int
     lease_ms: int
+    rates: RateCard
     generated_key_files: tuple[Path, ...] = ()
 
     @property
@@ -126,6 +128,17 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         / 1000,
         grant_ms=_integer(env, "CALLGATE_GRANT_MS", 30_000, 1_000, 600_000),
         lease_ms=_integer(env, "CALLGATE_LEASE_MS", 10_000, 2_000, 120_000),
+        rates=RateCard(
+            twilio_micros_per_minute=_integer(
+                env, "CALLGATE_RATE_TWILIO_MICROS_PER_MIN", 8_500, 0, 10**9
+            ),
+            vapi_micros_per_minute=_integer(
+                env, "CALLGATE_RATE_VAPI_MICROS_PER_MIN", 50_000, 0, 10**9
+            ),
+            retell_micros_per_minute=_integer(
+                env, "CALLGATE_RATE_RETELL_MICROS_PER_MIN", 70_000, 0, 10**9
+            ),
+        ),
         generated_key_files=tuple(generated),
     )
 

@@ -91,6 +91,7 @@ async def sip_status(request: web.Request) -> web.Response:
                 number=record.to_number,
                 budget=call_budget,
                 on_exhausted=time_up,
+                provider="retell",
             )
             await ledger.set_fields(
                 workspace_id, call_sid, {"sip_call_sid": field(form, "CallSid")}

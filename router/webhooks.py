@@ -118,7 +118,7 @@ async def voice(request: web.Request) -> web.Response:
         admission = None
         if plan is not None:
             admission = await budget.admit(
-                request.app[budget.QUOTA],
+                request.app[api.QUOTA],
                 plan,
                 route,
                 call_sid,

@@ -19,8 +19,9 @@ import redis.asyncio as redis
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from metering.ledger import CallRecord, Ledger, Usage, month_of
-from metering.plans import Plan, hard_cap_ms
+from metering.ledger import CallRecord, Ledger, Usage
+from metering.plans import Plan, hard_cap_ms, period_of, statement
+from metering.quota import Quota
 from tenancy import keyspace
 from tenancy.errors import (
     CallgateError,
@@ -41,6 +42,7 @@ OPERATOR_KEY = web.AppKey("operator_key", str)
 WORKSPACES = web.AppKey("workspaces", Workspaces)
 NUMBERS = web.AppKey("numbers", Numbers)
 LEDGER = web.AppKey("ledger", Ledger)
+QUOTA = web.AppKey("quota", Quota)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
@@ -178,22 +180,38 @@ def _call(record: CallRecord) -> dict[str, Any]:
     return document
 
 
-def _usage(usage: Usage) -> dict[str, Any]:
+def _usage(usage: Usage, plan: Plan | None, billed_ms: int) -> dict[str, Any]:
     def lines(table: dict[str, Any]) -> dict[str, Any]:
         return {
             owner: {"seconds": line.ms / 1000, "ms": line.ms, "calls": line.calls}
             for owner, line in sorted(table.items())
         }
 
-    return {
+    document: dict[str, Any] = {
         "workspace_id": usage.workspace_id,
         "period": usage.period,
         "seconds": usage.ms / 1000,
         "ms": usage.ms,
         "calls": usage.calls,
+        "cost_micros": usage.cost_micros,
         "agents": lines(usage.agents),
         "numbers": lines(usage.numbers),
+        "statement": None,
     }
+    if plan is not None and len(usage.period) == len("YYYY-MM"):
+        bill = statement(plan, billed_ms, usage.cost_micros)
+        document["statement"] = {
+            "currency": plan.currency,
+            "billed_ms": bill.billed_ms,
+            "billed_minutes_milli": bill.billed_minutes_milli,
+            "included_ms": bill.included_ms,
+            "overage_ms": bill.overage_ms,
+            "allowance_ms": bill.allowance_ms,
+            "price_micros": bill.price_micros,
+            "cost_micros": bill.cost_micros,
+            "margin_micros": bill.margin_micros,
+        }
+    return document
 
 
 async def _body(request: web.Request, model: type[M]) -> M:
@@ -325,15 +343,26 @@ async def list_numbers(request: web.Request) -> web.Response:
 
 
 async def get_usage(request: web.Request) -> web.Response:
-    """``GET /workspaces/{workspace_id}/usage?period=YYYY-MM[-DD]``."""
-    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
-    period = request.query.get("period") or month_of(now_ms())
+    """``GET /workspaces/{workspace_id}/usage?period=YYYY-MM[-DD]``.
+
+    Periods are in the plan's time zone (UTC without a plan). With a plan, a
+    month's usage carries its statement: billed, included and overage time,
+    price to the client, cost to serve and margin, in micro-units.
+    """
+    workspaces = request.app[WORKSPACES]
+    workspace = await workspaces.get(request.match_info["workspace_id"])
+    plan = await workspaces.plan(workspace.id)
+    zone = plan.timezone if plan else "UTC"
+    period = request.query.get("period") or period_of(now_ms(), zone).label
     try:
         keyspace.usage(workspace.id, period)
     except InvalidInputError as exc:
         raise InvalidInputError(str(exc), field="period") from None
     usage = await request.app[LEDGER].usage(workspace.id, period)
-    return _json(_usage(usage))
+    billed_ms = usage.ms
+    if plan is not None:
+        billed_ms = (await request.app[QUOTA].state(workspace.id, period)).used_ms
+    return _json(_usage(usage, plan, billed_ms))
 
 
 async def list_calls(request: web.Request) -> web.Response:

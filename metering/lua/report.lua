@@ -8,7 +8,8 @@
 -- ARGV[4] now ms, ARGV[5] lease ms, ARGV[6] the period's limit ms,
 -- ARGV[7] "1" for the final report, ARGV[8] end reason (final only),
 -- ARGV[9] agent id, ARGV[10] E.164 number, ARGV[11] billable ms the plan's
--- rounding adds at settlement (final only), ARGV[12] call sid
+-- rounding adds at settlement (final only), ARGV[12] call sid,
+-- ARGV[13] the call's cost to serve in micro-units (final only)
 --
 -- Returns {granted now ms, held ms after, state, added ms} with state "ok",
 -- "settled", "reclaimed" (the grant was taken back: stop the call) or
@@ -74,7 +75,10 @@ if final then
   redis.call('DEL', KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[12])
   redis.call('HSET', KEYS[4], 'status', 'completed', 'ended_at_ms', ARGV[4],
-    'end_reason', ARGV[8], 'billable_extra_ms', ARGV[11])
+    'end_reason', ARGV[8], 'billable_extra_ms', ARGV[11], 'cost_micros', ARGV[13])
+  for i = 5, 6 do
+    redis.call('HINCRBY', KEYS[i], 'cost_micros', tonumber(ARGV[13]))
+  end
   return {0, 0, 'settled', added}
 end
 

@@ -177,3 +177,35 @@ async def test_sweeper_returns_an_abandoned_grant_and_hangs_the_call_up(
     assert {"Status": "completed"} in [dict(f) for f in callgate.rest_forms(call.sid)]
     record = await callgate.call_record(tenant.workspace_id, call.sid)
     assert record["end_reason"] == "owner_lost"
+
+
+async def test_usage_states_price_cost_and_margin(callgate: Harness) -> None:
+    """A month's usage carries its statement, worked out to the micro-unit."""
+    tenant = await callgate.tenant("alpha", NUMBER)
+    await _plan(callgate, tenant.workspace_id, **THREE_SECONDS)
+    call, _ = await callgate.connected_call(NUMBER, CALLER)
+    tone = tone_mulaw(440, duration_ms=1200)
+    await call.send_audio(split_frames(tone))
+    await call.wait_for_audio(len(tone), timeout_secs=5)
+    await call.hang_up()
+    await callgate.calls_settled()
+
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    metered = record["metered_ms"]
+    seconds = -(-metered // 1000)
+    # Twilio: one started minute at 8500 micro-dollars; Vapi: per second at
+    # 50000 a minute, rounded half up to the micro-unit.
+    cost = 8_500 + (seconds * 50_000 + 30) // 60
+    assert record["cost_micros"] == cost
+    status, usage = await callgate.api(
+        "GET", f"/workspaces/{tenant.workspace_id}/usage"
+    )
+    assert status == 200
+    bill = usage["statement"]
+    assert bill["billed_ms"] == seconds * 1000
+    assert bill["included_ms"] == 0
+    assert bill["overage_ms"] == seconds * 1000
+    assert bill["price_micros"] == seconds * 1000  # $0.06/min is 1 micro per ms
+    assert bill["cost_micros"] == cost
+    assert bill["margin_micros"] == seconds * 1000 - cost
+    assert bill["currency"] == "USD"
