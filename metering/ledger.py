@@ -58,6 +58,7 @@ class CallRecord:
     dropped_frames: int = 0
     recording: str | None = None
     cost_micros: int = 0
+    account_sid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +104,13 @@ class Ledger:
         from_number: str,
         to_number: str,
         arrived_at_ms: int,
+        account_sid: str = "",
     ) -> None:
-        """Create the record of a call that was just routed to an agent."""
+        """Create the record of a call that was just routed to an agent.
+
+        ``account_sid`` is the Twilio account that owns the call, which
+        reconciliation asks about it.
+        """
         key = keyspace.call(workspace_id, call_sid)
         async with self._store.pipeline(transaction=True) as pipe:
             pipe.hsetnx(key, "arrived_at_ms", arrived_at_ms)
@@ -117,6 +123,7 @@ class Ledger:
                     "from": from_number,
                     "to": to_number,
                     "status": "routed",
+                    "account_sid": account_sid,
                 },
             )
             pipe.zadd(keyspace.calls(workspace_id), {call_sid: arrived_at_ms}, nx=True)
@@ -174,16 +181,37 @@ class Ledger:
     ) -> bool:
         """Store Twilio's view of the call; False when this callback is stale."""
         result = await self._twilio_status(
-            keys=[keyspace.call(workspace_id, call_sid)],
+            keys=[
+                keyspace.call(workspace_id, call_sid),
+                keyspace.unreconciled(workspace_id),
+            ],
             args=[
                 status,
                 "" if call_duration_secs is None else call_duration_secs,
                 sequence,
+                call_sid,
             ],
         )
         if result == -1:
             raise CallNotFoundError(call_sid)
         return bool(result == 1)
+
+    async def unreconciled(
+        self, workspace_id: str, ended_before_ms: int, limit: int = 100
+    ) -> list[str]:
+        """Settled calls Twilio has not reported, that ended before the given time."""
+        sids = await self._store.zrangebyscore(
+            keyspace.unreconciled(workspace_id),
+            "-inf",
+            ended_before_ms,
+            start=0,
+            num=limit,
+        )
+        return texts(sids)
+
+    async def forget_unreconciled(self, workspace_id: str, call_sid: str) -> None:
+        """Stop asking Twilio about a call (it does not know it)."""
+        await self._store.zrem(keyspace.unreconciled(workspace_id), call_sid)
 
     async def get_call(self, workspace_id: str, call_sid: str) -> CallRecord:
         """One call record, or :class:`CallNotFoundError`."""
@@ -268,4 +296,5 @@ def _record(fields: dict[str, str]) -> CallRecord:
         dropped_frames=int(fields.get("dropped_frames", 0)),
         recording=fields.get("recording") or None,
         cost_micros=int(fields.get("cost_micros", 0)),
+        account_sid=fields.get("account_sid") or None,
     )

@@ -6,7 +6,7 @@ call. Counters are per process and sum across processes in PromQL.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _NAMESPACE = "callgate"
 
@@ -75,6 +75,21 @@ class Metrics:
         self.journal_depth = Gauge(
             "journal_depth",
             "Reports journaled locally while the store was unreachable.",
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.reconciled = Counter(
+            "reconciled_calls",
+            "Calls whose Twilio duration was recorded, by source (callback, api).",
+            ["workspace", "source"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.reconciliation_drift = Histogram(
+            "reconciliation_drift_seconds",
+            "Per call, how far Twilio's duration is from Callgate's metered time.",
+            ["workspace"],
+            buckets=(0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
             namespace=_NAMESPACE,
             registry=registry,
         )

@@ -248,6 +248,7 @@ def _report_keys(report: Report) -> list[str]:
         keyspace.call(workspace_id, report.call_sid),
         keyspace.usage(workspace_id, report.period),
         keyspace.usage(workspace_id, report.day),
+        keyspace.unreconciled(workspace_id),
     ]
 
 

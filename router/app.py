@@ -24,6 +24,7 @@ from metering.metrics import Metrics
 from metering.quota import Quota
 from router import budget, sip, stream, webhooks
 from router.access import AccessLogger
+from router.reconcile import Reconciler
 from router.settings import Settings
 from router.signatures import TwilioSigner
 from router.store import EmbeddedValkey, connect
@@ -39,6 +40,7 @@ from tenancy.workspaces import Workspaces
 STORE = web.AppKey("store", redis.Redis)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 EMBEDDED = web.AppKey("embedded", EmbeddedValkey)
+RECONCILER = web.AppKey("reconciler", Reconciler)
 
 _MAX_BODY_BYTES = 256 * 1024
 
@@ -109,11 +111,21 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         interval_secs=settings.lease_ms / 2000,
     )
     app[budget.SWEEPER] = sweeper
+    reconciler = Reconciler(
+        store,
+        ledger,
+        app[stream.TWILIO_API],
+        app[webhooks.METRICS],
+        after_secs=settings.reconcile_after_secs,
+    )
+    app[RECONCILER] = reconciler
     meter.start()
     sweeper.start()
+    reconciler.start()
     try:
         yield
     finally:
+        await reconciler.close()
         await sweeper.close()
         await meter.close()
         await http.close()

@@ -49,6 +49,7 @@ class Settings:
     grant_ms: int
     lease_ms: int
     rates: RateCard
+    reconcile_after_secs: int
     generated_key_files: tuple[Path, ...] = ()
 
     @property
@@ -128,6 +129,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         / 1000,
         grant_ms=_integer(env, "CALLGATE_GRANT_MS", 30_000, 1_000, 600_000),
         lease_ms=_integer(env, "CALLGATE_LEASE_MS", 10_000, 2_000, 120_000),
+        reconcile_after_secs=_integer(
+            env, "CALLGATE_RECONCILE_AFTER_SECS", 300, 1, 86_400
+        ),
         rates=RateCard(
             twilio_micros_per_minute=_integer(
                 env, "CALLGATE_RATE_TWILIO_MICROS_PER_MIN", 8_500, 0, 10**9

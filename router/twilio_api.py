@@ -52,19 +52,54 @@ class TwilioApi:
         """Hang the call up; False if it had already ended."""
         return await self._update(account_sid, call_sid, {"Status": "completed"})
 
-    async def _update(
-        self, account_sid: str, call_sid: str, form: dict[str, str]
-    ) -> bool:
+    async def fetch_call(
+        self, account_sid: str, call_sid: str
+    ) -> tuple[str, int | None] | None:
+        """The call's status and duration (seconds) by Twilio; None if unknown."""
+        url = f"{self._api_url}/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
+        try:
+            async with self._session.get(
+                url,
+                headers={"Authorization": self._authorization(account_sid)},
+                timeout=self._timeout,
+            ) as response:
+                status = response.status
+                body = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise TwilioApiError(f"twilio unreachable: {type(exc).__name__}") from exc
+        if status == 404:
+            return None
+        if status != 200:
+            raise TwilioApiError(f"twilio answered {status}", status)
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise TwilioApiError("twilio answered with invalid JSON") from None
+        if not isinstance(document, dict):
+            raise TwilioApiError("twilio answered with a non-object")
+        duration = document.get("duration")
+        seconds = (
+            int(duration) if isinstance(duration, str) and duration.isdigit() else None
+        )
+        return str(document.get("status", "")), seconds
+
+    def _authorization(self, account_sid: str) -> str:
         token = self._tokens.get(account_sid)
         if token is None:
             raise TwilioApiError("no credentials for this Twilio account")
         credentials = b64encode(f"{account_sid}:{token}".encode()).decode("ascii")
+        return f"Basic {credentials}"
+
+    async def _update(
+        self, account_sid: str, call_sid: str, form: dict[str, str]
+    ) -> bool:
+        authorization = self._authorization(account_sid)
         url = f"{self._api_url}/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
         try:
             async with self._session.post(
                 url,
                 data=form,
-                headers={"Authorization": f"Basic {credentials}"},
+                headers={"Authorization": authorization},
                 timeout=self._timeout,
             ) as response:
                 status = response.status

@@ -17,7 +17,7 @@ from media.retell import RetellClient, sip_uri
 from metering.ledger import CallNotFoundError
 from metering.meter import Meter
 from metering.metrics import Metrics
-from router import budget, twiml
+from router import budget, reconcile, twiml
 from router.settings import Settings
 from router.signatures import TwilioSigner
 from router.tokens import StreamTokens
@@ -144,6 +144,7 @@ async def voice(request: web.Request) -> web.Response:
             from_number=field(form, "From"),
             to_number=to,
             arrived_at_ms=now_ms(),
+            account_sid=account_sid,
         )
         token = await request.app[TOKENS].issue(
             workspace_id=route.workspace.id,
@@ -271,4 +272,8 @@ async def status(request: web.Request) -> web.Response:
         count.labels("status", "unknown_call").inc()
         return web.Response(status=204)
     count.labels("status", "recorded" if applied else "stale").inc()
+    if applied and duration:
+        record = await request.app[api.LEDGER].get_call(workspace_id, call_sid)
+        if record.status == "completed":
+            reconcile.observe(request.app[METRICS], record, int(duration), "callback")
     return web.Response(status=204)

@@ -125,6 +125,11 @@ def leases(workspace_id: str) -> str:
     return f"{workspace_prefix(workspace_id)}:leases"
 
 
+def unreconciled(workspace_id: str) -> str:
+    """Sorted set: settled calls Twilio has not yet reported, scored by end (ms)."""
+    return f"{workspace_prefix(workspace_id)}:unreconciled"
+
+
 def plan(workspace_id: str) -> str:
     """Hash: the workspace's plan (flat fields, see metering.plans)."""
     return f"{workspace_prefix(workspace_id)}:plan"

@@ -2,7 +2,8 @@
 --
 -- KEYS[1] quota hash of the call's billing period, KEYS[2] the call's grant,
 -- KEYS[3] the lease sorted set, KEYS[4] the call record,
--- KEYS[5] month usage hash, KEYS[6] day usage hash
+-- KEYS[5] month usage hash, KEYS[6] day usage hash,
+-- KEYS[7] the workspace's set of calls awaiting Twilio's duration
 -- ARGV[1] report sequence number (1, 2, ...), ARGV[2] cumulative used ms,
 -- ARGV[3] grant wanted ms (the held amount to top up to; 0 asks for none),
 -- ARGV[4] now ms, ARGV[5] lease ms, ARGV[6] the period's limit ms,
@@ -78,6 +79,9 @@ if final then
     'end_reason', ARGV[8], 'billable_extra_ms', ARGV[11], 'cost_micros', ARGV[13])
   for i = 5, 6 do
     redis.call('HINCRBY', KEYS[i], 'cost_micros', tonumber(ARGV[13]))
+  end
+  if redis.call('HEXISTS', KEYS[4], 'twilio_call_duration_secs') == 0 then
+    redis.call('ZADD', KEYS[7], ARGV[4], ARGV[12])
   end
   return {0, 0, 'settled', added}
 end
