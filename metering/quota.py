@@ -184,6 +184,12 @@ class Quota:
         """Send one report on its own (tests and settlement outside a batch)."""
         return answer(await self._report_now(report))
 
+    async def set_limit(self, workspace_id: str, period: str, limit_ms: int) -> None:
+        """Set the period's hard cap; running calls follow it at their next report."""
+        await self._store.hset(
+            keyspace.quota(workspace_id, period), "limit_ms", limit_ms
+        )
+
     async def state(self, workspace_id: str, period: str) -> QuotaState:
         """The workspace's budget for ``period`` as the store holds it now."""
         fields = text_map(

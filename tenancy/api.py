@@ -281,6 +281,10 @@ async def put_plan(request: web.Request) -> web.Response:
     except TypeError as exc:
         raise InvalidInputError(f"plan field has the wrong type: {exc}") from None
     await workspaces.set_plan(workspace.id, plan)
+    # Running calls read the period's cap from the quota, not from the plan
+    # they started under, so they follow the change at their next report.
+    period = period_of(now_ms(), plan.timezone).label
+    await request.app[QUOTA].set_limit(workspace.id, period, hard_cap_ms(plan))
     tenancy_logger.info("set the plan of workspace %s", workspace.id)
     return _json(_plan(plan))
 

@@ -6,7 +6,8 @@
 -- KEYS[7] the workspace's set of calls awaiting Twilio's duration
 -- ARGV[1] report sequence number (1, 2, ...), ARGV[2] cumulative used ms,
 -- ARGV[3] grant wanted ms (the held amount to top up to; 0 asks for none),
--- ARGV[4] now ms, ARGV[5] lease ms, ARGV[6] the period's limit ms,
+-- ARGV[4] now ms, ARGV[5] lease ms, ARGV[6] the period's limit ms, used
+-- only when the quota hash has none (the hash's limit follows plan changes),
 -- ARGV[7] "1" for the final report, ARGV[8] end reason (final only),
 -- ARGV[9] agent id, ARGV[10] E.164 number, ARGV[11] billable ms the plan's
 -- rounding adds at settlement (final only), ARGV[12] call sid,
@@ -87,10 +88,12 @@ if final then
 end
 
 if has_grant and state == 'active' then
-  redis.call('HSET', KEYS[1], 'limit_ms', ARGV[6])
+  -- The limit in the hash is the plan's current one: admission and every
+  -- plan change write it, so running calls follow a change at this report.
+  local limit = tonumber(redis.call('HGET', KEYS[1], 'limit_ms') or ARGV[6])
   local used = tonumber(redis.call('HGET', KEYS[1], 'used_ms') or '0')
   local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved_ms') or '0')
-  local available = tonumber(ARGV[6]) - used - reserved
+  local available = limit - used - reserved
   local wanted = tonumber(ARGV[3]) - held
   if wanted > 0 and available > 0 then
     granted = math.min(wanted, available)

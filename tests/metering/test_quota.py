@@ -174,10 +174,14 @@ async def test_plan_change_applies_at_the_next_renewal(engine_store: Store) -> N
     """Lowering the limit stops further grants; the grant already held stays."""
     workspace = Workspace(engine_store, limit_ms=3_600_000, max_concurrent=10)
     await workspace.admit(1)
+    await workspace.quota.set_limit(workspace.id, PERIOD, 20_000)
+    # The call still carries the limit it started under: the quota's wins.
     answer = await workspace.quota.report(
-        workspace.report(1, seq=1, used_ms=5_000, limit_ms=20_000)
+        workspace.report(1, seq=1, used_ms=5_000, limit_ms=3_600_000)
     )
     assert (answer.granted_ms, answer.held_ms) == (0, 25_000)
+    state = await workspace.quota.state(workspace.id, PERIOD)
+    assert state.limit_ms == 20_000
 
 
 async def test_reclaim_returns_an_expired_calls_reservation(

@@ -209,3 +209,30 @@ async def test_usage_states_price_cost_and_margin(callgate: Harness) -> None:
     assert bill["cost_micros"] == cost
     assert bill["margin_micros"] == seconds * 1000 - cost
     assert bill["currency"] == "USD"
+
+
+async def test_plan_change_reaches_a_running_call_within_a_grant(
+    fast_callgate: Harness,
+) -> None:
+    """Lowering a plan mid-call cuts the running call off within one grant."""
+    callgate = fast_callgate
+    tenant = await callgate.tenant("alpha", NUMBER)
+    await _plan(
+        callgate, tenant.workspace_id, included_minutes=60, max_concurrent_calls=5
+    )
+    call, _ = await callgate.connected_call(NUMBER, CALLER)
+    talking = asyncio.create_task(
+        call.send_audio(split_frames(tone_mulaw(440, 10_000)))
+    )
+    await call.wait_for_audio(8000, timeout_secs=5)  # a second in
+    changed_at = asyncio.get_running_loop().time()
+    await _plan(callgate, tenant.workspace_id, **THREE_SECONDS)
+    await call.wait_closed(timeout_secs=10)
+    await talking
+    await callgate.calls_settled()
+    # A second in, the cap fell to 3 s: the call ends when the new cap runs
+    # out, not after its ten seconds of audio.
+    assert asyncio.get_running_loop().time() - changed_at < 4.0
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "budget"
+    assert record["metered_ms"] <= 3_000 + TICK_MS + 1_000
