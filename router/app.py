@@ -27,17 +27,18 @@ from router.access import AccessLogger
 from router.reconcile import Reconciler
 from router.settings import Settings
 from router.signatures import TwilioSigner
-from router.store import EmbeddedValkey, connect
+from router.store import EmbeddedValkey, connect, connect_cluster
 from router.tokens import StreamTokens
 from router.twilio_api import TwilioApi
 from tenancy import api
 from tenancy.logs import access_logger, router_logger
 from tenancy.numbers import Numbers
 from tenancy.problems import problem
+from tenancy.replies import Store
 from tenancy.vault import Vault
 from tenancy.workspaces import Workspaces
 
-STORE = web.AppKey("store", redis.Redis)
+STORE: web.AppKey[Store] = web.AppKey("store")
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 EMBEDDED = web.AppKey("embedded", EmbeddedValkey)
 RECONCILER = web.AppKey("reconciler", Reconciler)
@@ -54,7 +55,11 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         await embedded.start()
         app[EMBEDDED] = embedded
         url = embedded.url
-    store = connect(url, settings.store_timeout_secs)
+    store: Store
+    if settings.redis_cluster:
+        store = connect_cluster(url, settings.store_timeout_secs)
+    else:
+        store = connect(url, settings.store_timeout_secs)
     app[STORE] = store
     try:
         yield

@@ -27,7 +27,7 @@ from router.twilio_api import TwilioApi, TwilioApiError
 from tenancy import keyspace
 from tenancy.logs import metering_logger
 from tenancy.numbers import Route
-from tenancy.replies import texts
+from tenancy.replies import Store, texts
 from tenancy.workspaces import CallPolicy, Workspaces, now_ms
 
 BILLING_STEP_MS = {"second": 1_000, "six_seconds": 6_000, "minute": 60_000}
@@ -109,7 +109,7 @@ class Sweeper:
 
     def __init__(
         self,
-        store: redis.Redis,
+        store: Store,
         workspaces: Workspaces,
         quota: Quota,
         meter: Meter,

@@ -17,7 +17,7 @@ from metering.metrics import Metrics
 from router.twilio_api import TwilioApi, TwilioApiError
 from tenancy import keyspace
 from tenancy.logs import metering_logger
-from tenancy.replies import texts
+from tenancy.replies import Store, texts
 from tenancy.workspaces import now_ms
 
 # Above any real callback's SequenceNumber: a REST lookup is final.
@@ -42,7 +42,7 @@ class Reconciler:
 
     def __init__(
         self,
-        store: redis.Redis,
+        store: Store,
         ledger: Ledger,
         twilio: TwilioApi,
         metrics: Metrics,

@@ -31,6 +31,7 @@ class Settings:
     host: str
     port: int
     redis_url: str | None
+    redis_cluster: bool
     data_dir: Path
     public_url: str
     operator_key: str
@@ -98,6 +99,13 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             "CALLGATE_REDIS_URL must be a redis://, rediss:// or unix:// URL"
         )
 
+    redis_cluster = _boolean(env, "CALLGATE_REDIS_CLUSTER", False)
+    if redis_cluster and (redis_url is None or redis_url.startswith("unix:")):
+        raise ConfigError(
+            "CALLGATE_REDIS_CLUSTER needs CALLGATE_REDIS_URL to name a cluster node "
+            "(redis:// or rediss://)"
+        )
+
     log_level = env.get("CALLGATE_LOG_LEVEL", "INFO").upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"CALLGATE_LOG_LEVEL must be one of {sorted(_LOG_LEVELS)}")
@@ -106,6 +114,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         host=host,
         port=port,
         redis_url=redis_url,
+        redis_cluster=redis_cluster,
         data_dir=data_dir,
         public_url=public_url,
         operator_key=operator_key,

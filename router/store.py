@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -60,6 +61,20 @@ def connect(url: str, timeout_secs: float = 1.0) -> redis.Redis:
         socket_connect_timeout=timeout_secs,
         retry=Retry(NoBackoff(), retries=1),
         health_check_interval=30,
+    )
+
+
+def connect_cluster(url: str, timeout_secs: float = 1.0) -> RedisCluster:
+    """A Redis Cluster client that discovers every node from the one in ``url``.
+
+    Each workspace's keys share a hash slot, so every script and transaction
+    Callgate runs stays on one node.
+    """
+    return RedisCluster.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout_secs,
+        socket_connect_timeout=timeout_secs,
     )
 
 

@@ -16,10 +16,10 @@ from base64 import urlsafe_b64decode, urlsafe_b64encode
 from dataclasses import dataclass
 
 import orjson
-import redis.asyncio as redis
 
 from tenancy import keyspace
 from tenancy.errors import InvalidInputError, StreamTokenError
+from tenancy.replies import Store
 from tenancy.vault import derive_key
 
 _MAX_TOKEN_CHARS = 1024
@@ -49,7 +49,7 @@ def _unb64(text: str) -> bytes:
 class StreamTokens:
     """Issues, verifies and consumes stream tokens."""
 
-    def __init__(self, secret_key: str, store: redis.Redis, ttl_secs: int) -> None:
+    def __init__(self, secret_key: str, store: Store, ttl_secs: int) -> None:
         self._key = derive_key(secret_key, "stream tokens")
         self._store = store
         self._ttl_secs = ttl_secs

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as redis
-
 from tenancy import keyspace
 from tenancy.errors import NumberOwnedError, UnknownNumberError
-from tenancy.replies import text_map, text_or_none, texts
+from tenancy.replies import Store, text_map, text_or_none, texts
 from tenancy.workspaces import Agent, Workspace, Workspaces, now_ms
 
 
@@ -40,7 +38,7 @@ class Route:
 class Numbers:
     """Attaches numbers to workspaces and resolves inbound calls to routes."""
 
-    def __init__(self, store: redis.Redis, workspaces: Workspaces) -> None:
+    def __init__(self, store: Store, workspaces: Workspaces) -> None:
         self._store = store
         self._workspaces = workspaces
 

@@ -10,12 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import redis.asyncio as redis
-
 from metering.plans import Plan
 from tenancy import keyspace
 from tenancy.errors import AgentNotFoundError, WorkspaceNotFoundError
-from tenancy.replies import HashFields, text_map, texts
+from tenancy.replies import HashFields, Store, text_map, texts
 from tenancy.vault import Vault
 
 Provider = Literal["vapi", "retell"]
@@ -86,7 +84,7 @@ def _api_key_context(workspace_id: str, agent_id: str) -> str:
 class Workspaces:
     """Creates and reads workspaces and agents in the store."""
 
-    def __init__(self, store: redis.Redis, vault: Vault) -> None:
+    def __init__(self, store: Store, vault: Vault) -> None:
         self._store = store
         self._vault = vault
 
