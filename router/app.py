@@ -30,7 +30,9 @@ from router.signatures import TwilioSigner
 from router.store import EmbeddedValkey, connect, connect_cluster
 from router.tokens import StreamTokens
 from router.twilio_api import TwilioApi
-from tenancy import api
+from tenancy import access, api, manage
+from tenancy.audit import Audit
+from tenancy.keys import Keys
 from tenancy.logs import access_logger, router_logger
 from tenancy.numbers import Numbers
 from tenancy.problems import problem
@@ -44,6 +46,8 @@ EMBEDDED = web.AppKey("embedded", EmbeddedValkey)
 RECONCILER = web.AppKey("reconciler", Reconciler)
 
 _MAX_BODY_BYTES = 256 * 1024
+# Imported for the operator API endpoints they declare (tenancy.access).
+ENDPOINT_MODULES = (api, manage)
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
@@ -87,7 +91,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     http = aiohttp.ClientSession()
 
-    app[api.OPERATOR_KEY] = settings.operator_key
+    app[access.OPERATOR_KEY] = settings.operator_key
+    app[access.KEYS] = Keys(store, settings.secret_key)
+    app[api.AUDIT] = Audit(store)
     app[api.WORKSPACES] = workspaces
     app[api.NUMBERS] = numbers
     app[api.LEDGER] = ledger
@@ -206,7 +212,7 @@ def create_app(
 ) -> web.Application:
     """The whole Callgate application; the store starts when the app does."""
     app = web.Application(
-        middlewares=[api.api_middleware], client_max_size=_MAX_BODY_BYTES
+        middlewares=[access.api_middleware], client_max_size=_MAX_BODY_BYTES
     )
     app[webhooks.SETTINGS] = settings
     app[webhooks.METRICS] = Metrics(registry or CollectorRegistry())
@@ -229,5 +235,5 @@ def create_app(
     app.router.add_get(webhooks.STREAM_PATH + "{token}", stream.stream)
     app.router.add_post(webhooks.SIP_STATUS_PATH + "{workspace_id}", sip.sip_status)
     app.router.add_post(webhooks.DIAL_ACTION_PATH + "{workspace_id}", sip.dial_action)
-    api.add_routes(app)
+    access.add_routes(app)
     return app

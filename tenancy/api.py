@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
-import hmac
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-import redis.asyncio as redis
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -23,32 +19,26 @@ from metering.ledger import CallRecord, Ledger, Usage
 from metering.plans import Plan, hard_cap_ms, period_of, statement
 from metering.quota import Quota
 from tenancy import keyspace
+from tenancy.access import endpoint, principal
+from tenancy.audit import Audit
 from tenancy.errors import (
-    CallgateError,
-    ConflictError,
     InvalidInputError,
     NotFoundError,
-    NumberOwnedError,
-    StoreError,
 )
 from tenancy.logs import tenancy_logger
 from tenancy.numbers import Number, Numbers
-from tenancy.problems import problem
 from tenancy.workspaces import Agent, CallPolicy, Workspace, Workspaces, now_ms
 
-PREFIX = "/api/v1"
-
-OPERATOR_KEY = web.AppKey("operator_key", str)
 WORKSPACES = web.AppKey("workspaces", Workspaces)
 NUMBERS = web.AppKey("numbers", Numbers)
 LEDGER = web.AppKey("ledger", Ledger)
 QUOTA = web.AppKey("quota", Quota)
+AUDIT = web.AppKey("audit", Audit)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 M = TypeVar("M", bound=BaseModel)
 
 
-class _Body(BaseModel):
+class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
@@ -56,7 +46,7 @@ E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
 Phone = Annotated[str, Field(pattern=E164_PATTERN)]
 
 
-class PolicyFields(_Body):
+class PolicyFields(Body):
     """Call policy fields shared by creating and updating a workspace."""
 
     fallback_message: Annotated[str | None, Field(min_length=1, max_length=300)] = None
@@ -101,7 +91,7 @@ class UpdateWorkspace(PolicyFields):
     name: Annotated[str | None, Field(min_length=1, max_length=100)] = None
 
 
-class CreateAgent(_Body):
+class CreateAgent(Body):
     """Body of ``POST /workspaces/{id}/agents``; ``api_key`` is write-only."""
 
     name: Annotated[str, Field(min_length=1, max_length=100)]
@@ -111,7 +101,7 @@ class CreateAgent(_Body):
     audio_format: Literal["mulaw", "pcm16"] = "mulaw"
 
 
-class AttachNumber(_Body):
+class AttachNumber(Body):
     """Body of ``POST /workspaces/{id}/numbers``."""
 
     number: Phone
@@ -121,26 +111,26 @@ class AttachNumber(_Body):
     ]
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
+def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps(data), status=status, content_type="application/json"
     )
 
 
-def _iso(epoch_ms: int | None) -> str | None:
+def iso(epoch_ms: int | None) -> str | None:
     if epoch_ms is None:
         return None
     moment = dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _workspace(workspace: Workspace) -> dict[str, Any]:
+def workspace_document(workspace: Workspace) -> dict[str, Any]:
     policy = workspace.policy
     return {
         "id": workspace.id,
         "name": workspace.name,
         "status": workspace.status,
-        "created_at": _iso(workspace.created_at_ms),
+        "created_at": iso(workspace.created_at_ms),
         "fallback_message": policy.fallback_message,
         "fallback_number": policy.fallback_number,
         "transfer_numbers": list(policy.transfer_numbers),
@@ -150,7 +140,7 @@ def _workspace(workspace: Workspace) -> dict[str, Any]:
     }
 
 
-def _agent(agent: Agent) -> dict[str, Any]:
+def agent_document(agent: Agent) -> dict[str, Any]:
     return {
         "id": agent.id,
         "workspace_id": agent.workspace_id,
@@ -158,29 +148,29 @@ def _agent(agent: Agent) -> dict[str, Any]:
         "provider": agent.provider,
         "assistant_id": agent.assistant_id,
         "audio_format": agent.audio_format,
-        "created_at": _iso(agent.created_at_ms),
+        "created_at": iso(agent.created_at_ms),
     }
 
 
-def _number(number: Number) -> dict[str, Any]:
+def number_document(number: Number) -> dict[str, Any]:
     return {
         "number": number.e164,
         "workspace_id": number.workspace_id,
         "agent_id": number.agent_id,
         "twilio_account_sid": number.twilio_account_sid,
-        "attached_at": _iso(number.attached_at_ms),
+        "attached_at": iso(number.attached_at_ms),
     }
 
 
-def _call(record: CallRecord) -> dict[str, Any]:
+def call_document(record: CallRecord) -> dict[str, Any]:
     document = asdict(record)
     document["metered_secs"] = record.metered_ms / 1000
     for name in ("arrived_at", "started_at", "ended_at"):
-        document[name] = _iso(document.pop(f"{name}_ms"))
+        document[name] = iso(document.pop(f"{name}_ms"))
     return document
 
 
-def _usage(usage: Usage, plan: Plan | None, billed_ms: int) -> dict[str, Any]:
+def usage_document(usage: Usage, plan: Plan | None, billed_ms: int) -> dict[str, Any]:
     def lines(table: dict[str, Any]) -> dict[str, Any]:
         return {
             owner: {"seconds": line.ms / 1000, "ms": line.ms, "calls": line.calls}
@@ -214,7 +204,15 @@ def _usage(usage: Usage, plan: Plan | None, billed_ms: int) -> dict[str, Any]:
     return document
 
 
-async def _body(request: web.Request, model: type[M]) -> M:
+async def audit(
+    request: web.Request, workspace_id: str, action: str, target: str, detail: str = ""
+) -> None:
+    await request.app[AUDIT].record(
+        workspace_id, principal(request), action, target, detail
+    )
+
+
+async def read_body(request: web.Request, model: type[M]) -> M:
     raw = await request.read()
     try:
         data = orjson.loads(raw)
@@ -228,40 +226,68 @@ async def _body(request: web.Request, model: type[M]) -> M:
         raise InvalidInputError(first["msg"], field=field) from None
 
 
+@endpoint(
+    "POST",
+    "/workspaces",
+    "operator",
+    "Create a workspace",
+    body=CreateWorkspace,
+    created=True,
+)
 async def create_workspace(request: web.Request) -> web.Response:
     """``POST /workspaces``: a new, empty, active workspace."""
-    body = await _body(request, CreateWorkspace)
+    body = await read_body(request, CreateWorkspace)
     workspace = await request.app[WORKSPACES].create(
         body.name, body.merged(CallPolicy())
     )
     tenancy_logger.info("created workspace %s", workspace.id)
-    return _json(_workspace(workspace), status=201)
+    await audit(request, workspace.id, "workspace.create", workspace.id)
+    return json_response(workspace_document(workspace), status=201)
 
 
+@endpoint(
+    "GET", "/workspaces", "viewer", "List workspaces (a workspace key sees its own)"
+)
 async def list_workspaces(request: web.Request) -> web.Response:
     """``GET /workspaces``: every workspace, oldest first."""
+    caller = principal(request)
     workspaces = await request.app[WORKSPACES].all()
-    return _json({"items": [_workspace(w) for w in workspaces]})
+    if not caller.is_operator:
+        workspaces = [w for w in workspaces if w.id == caller.workspace_id]
+    return json_response({"items": [workspace_document(w) for w in workspaces]})
 
 
+@endpoint("GET", "/workspaces/{workspace_id}", "viewer", "Read a workspace")
 async def get_workspace(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}``."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
-    return _json(_workspace(workspace))
+    return json_response(workspace_document(workspace))
 
 
+@endpoint(
+    "PATCH",
+    "/workspaces/{workspace_id}",
+    "admin",
+    "Rename a workspace or change its call policy",
+    body=UpdateWorkspace,
+)
 async def update_workspace(request: web.Request) -> web.Response:
     """``PATCH /workspaces/{workspace_id}``: rename, or change the call policy."""
     workspaces = request.app[WORKSPACES]
     current = await workspaces.get(request.match_info["workspace_id"])
-    body = await _body(request, UpdateWorkspace)
+    body = await read_body(request, UpdateWorkspace)
     workspace = await workspaces.update(
         current.id, name=body.name, policy=body.merged(current.policy)
     )
     tenancy_logger.info("updated workspace %s", workspace.id)
-    return _json(_workspace(workspace))
+    changed = ",".join(sorted(body.model_fields_set))
+    await audit(request, workspace.id, "workspace.update", workspace.id, changed)
+    return json_response(workspace_document(workspace))
 
 
+@endpoint(
+    "PUT", "/workspaces/{workspace_id}/plan", "operator", "Set the workspace's plan"
+)
 async def put_plan(request: web.Request) -> web.Response:
     """``PUT /workspaces/{workspace_id}/plan``: set the workspace's plan."""
     workspaces = request.app[WORKSPACES]
@@ -286,9 +312,13 @@ async def put_plan(request: web.Request) -> web.Response:
     period = period_of(now_ms(), plan.timezone).label
     await request.app[QUOTA].set_limit(workspace.id, period, hard_cap_ms(plan))
     tenancy_logger.info("set the plan of workspace %s", workspace.id)
-    return _json(_plan(plan))
+    await audit(request, workspace.id, "plan.set", workspace.id, ",".join(sorted(body)))
+    return json_response(plan_document(plan))
 
 
+@endpoint(
+    "GET", "/workspaces/{workspace_id}/plan", "admin", "Read the workspace's plan"
+)
 async def get_plan(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/plan``: 404 when no budget is enforced."""
     workspaces = request.app[WORKSPACES]
@@ -296,17 +326,25 @@ async def get_plan(request: web.Request) -> web.Response:
     plan = await workspaces.plan(workspace.id)
     if plan is None:
         raise NotFoundError("no plan")
-    return _json(_plan(plan))
+    return json_response(plan_document(plan))
 
 
-def _plan(plan: Plan) -> dict[str, Any]:
+def plan_document(plan: Plan) -> dict[str, Any]:
     return {**plan.to_json(), "hard_cap_ms": hard_cap_ms(plan)}
 
 
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/agents",
+    "admin",
+    "Create an agent",
+    body=CreateAgent,
+    created=True,
+)
 async def create_agent(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/agents``; the API key is never returned."""
     workspace_id = request.match_info["workspace_id"]
-    body = await _body(request, CreateAgent)
+    body = await read_body(request, CreateAgent)
     agent = await request.app[WORKSPACES].create_agent(
         workspace_id,
         name=body.name,
@@ -316,36 +354,54 @@ async def create_agent(request: web.Request) -> web.Response:
         audio_format=body.audio_format,
     )
     tenancy_logger.info("created agent %s in workspace %s", agent.id, workspace_id)
-    return _json(_agent(agent), status=201)
+    await audit(request, workspace_id, "agent.create", agent.id, agent.provider)
+    return json_response(agent_document(agent), status=201)
 
 
+@endpoint("GET", "/workspaces/{workspace_id}/agents", "admin", "List agents")
 async def list_agents(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/agents``."""
     agents = await request.app[WORKSPACES].list_agents(
         request.match_info["workspace_id"]
     )
-    return _json({"items": [_agent(agent) for agent in agents]})
+    return json_response({"items": [agent_document(agent) for agent in agents]})
 
 
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/numbers",
+    "admin",
+    "Attach a number to an agent",
+    body=AttachNumber,
+    created=True,
+)
 async def attach_number(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/numbers``: claim and route a number."""
     workspace_id = request.match_info["workspace_id"]
-    body = await _body(request, AttachNumber)
+    body = await read_body(request, AttachNumber)
     number = await request.app[NUMBERS].attach(
         workspace_id, body.number, body.agent_id, body.twilio_account_sid
     )
     tenancy_logger.info("attached a number to workspace %s", workspace_id)
-    return _json(_number(number), status=201)
+    await audit(request, workspace_id, "number.attach", number.e164, number.agent_id)
+    return json_response(number_document(number), status=201)
 
 
+@endpoint("GET", "/workspaces/{workspace_id}/numbers", "admin", "List numbers")
 async def list_numbers(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/numbers``."""
     numbers = await request.app[NUMBERS].of_workspace(
         request.match_info["workspace_id"]
     )
-    return _json({"items": [_number(number) for number in numbers]})
+    return json_response({"items": [number_document(number) for number in numbers]})
 
 
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}/usage",
+    "viewer",
+    "Usage and statement for a period",
+)
 async def get_usage(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/usage?period=YYYY-MM[-DD]``.
 
@@ -366,9 +422,12 @@ async def get_usage(request: web.Request) -> web.Response:
     billed_ms = usage.ms
     if plan is not None:
         billed_ms = (await request.app[QUOTA].state(workspace.id, period)).used_ms
-    return _json(_usage(usage, plan, billed_ms))
+    return json_response(usage_document(usage, plan, billed_ms))
 
 
+@endpoint(
+    "GET", "/workspaces/{workspace_id}/calls", "viewer", "List calls, newest first"
+)
 async def list_calls(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/calls?limit=N``: newest first."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
@@ -376,82 +435,16 @@ async def list_calls(request: web.Request) -> web.Response:
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
         raise InvalidInputError("limit must be an integer from 1 to 500", "limit")
     records = await request.app[LEDGER].recent_calls(workspace.id, int(raw_limit))
-    return _json({"items": [_call(record) for record in records]})
+    return json_response({"items": [call_document(record) for record in records]})
 
 
+@endpoint(
+    "GET", "/workspaces/{workspace_id}/calls/{call_sid}", "viewer", "Read a call record"
+)
 async def get_call(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/calls/{call_sid}``."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
     record = await request.app[LEDGER].get_call(
         workspace.id, request.match_info["call_sid"]
     )
-    return _json(_call(record))
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8")).digest()
-
-
-@web.middleware
-async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticate ``/api/v1`` requests and turn failures into problems."""
-    if not request.path.startswith(PREFIX + "/") and request.path != PREFIX:
-        return await handler(request)
-
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    expected = _digest(request.app[OPERATOR_KEY])
-    if scheme.lower() != "bearer" or not hmac.compare_digest(_digest(key), expected):
-        return problem(
-            401,
-            "unauthorized",
-            "Unauthorized",
-            "a valid bearer key is required",
-            headers={"WWW-Authenticate": 'Bearer realm="callgate"'},
-        )
-    try:
-        return await handler(request)
-    except NotFoundError:
-        return problem(404, "not-found", "Not Found", "no such resource")
-    except NumberOwnedError:
-        detail = "the number belongs to another workspace"
-        return problem(409, "number-owned", "Number Owned", detail)
-    except ConflictError:
-        return problem(409, "conflict", "Conflict")
-    except InvalidInputError as exc:
-        return problem(
-            422,
-            "invalid-input",
-            "Invalid Input",
-            f"{exc.field}: {exc}" if exc.field else str(exc),
-            field=exc.field,
-        )
-    except (StoreError, redis.RedisError):
-        tenancy_logger.error("store failed during %s", request.path, exc_info=True)
-        return problem(503, "store-unavailable", "Store Unavailable")
-    except web.HTTPException as exc:
-        return problem(exc.status, _slug(exc.reason), exc.reason)
-    except CallgateError:
-        tenancy_logger.error("unexpected error on %s", request.path, exc_info=True)
-        return problem(500, "internal", "Internal Error")
-
-
-def _slug(reason: str) -> str:
-    return reason.lower().replace(" ", "-")
-
-
-def add_routes(app: web.Application) -> None:
-    """Register the operator API on ``app``."""
-    ws = PREFIX + "/workspaces/{workspace_id}"
-    app.router.add_post(PREFIX + "/workspaces", create_workspace)
-    app.router.add_get(PREFIX + "/workspaces", list_workspaces)
-    app.router.add_get(ws, get_workspace)
-    app.router.add_patch(ws, update_workspace)
-    app.router.add_put(ws + "/plan", put_plan)
-    app.router.add_get(ws + "/plan", get_plan)
-    app.router.add_post(ws + "/agents", create_agent)
-    app.router.add_get(ws + "/agents", list_agents)
-    app.router.add_post(ws + "/numbers", attach_number)
-    app.router.add_get(ws + "/numbers", list_numbers)
-    app.router.add_get(ws + "/usage", get_usage)
-    app.router.add_get(ws + "/calls", list_calls)
-    app.router.add_get(ws + "/calls/{call_sid}", get_call)
+    return json_response(call_document(record))

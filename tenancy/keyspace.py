@@ -31,6 +31,7 @@ GLOBAL_KEYS = frozenset({WORKSPACES, NUMBERS})
 _ID_BODY = "[a-z2-7]{16}"
 WORKSPACE_ID = re.compile(rf"ws_{_ID_BODY}")
 AGENT_ID = re.compile(rf"ag_{_ID_BODY}")
+KEY_ID = re.compile(rf"ky_{_ID_BODY}")
 E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 CALL_SID = re.compile(r"CA[0-9a-f]{32}")
 ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
@@ -123,6 +124,22 @@ def grant(workspace_id: str, call_sid: str) -> str:
 def leases(workspace_id: str) -> str:
     """Sorted set: live calls' sids, scored by their lease expiry (ms)."""
     return f"{workspace_prefix(workspace_id)}:leases"
+
+
+def api_key(workspace_id: str, key_id: str) -> str:
+    """Hash: one workspace API key (role, name, HMAC digest of its secret)."""
+    check(KEY_ID, key_id, "key_id")
+    return f"{workspace_prefix(workspace_id)}:key:{key_id}"
+
+
+def api_keys(workspace_id: str) -> str:
+    """Set: ids of the workspace's API keys, live and revoked."""
+    return f"{workspace_prefix(workspace_id)}:keys"
+
+
+def audit(workspace_id: str) -> str:
+    """Stream: the workspace's audit log (capped)."""
+    return f"{workspace_prefix(workspace_id)}:audit"
 
 
 def unreconciled(workspace_id: str) -> str:

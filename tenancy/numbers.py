@@ -97,6 +97,37 @@ class Numbers:
             records = await pipe.execute()
         return [_number(text_map(fields)) for fields in records if fields]
 
+    async def detach(self, workspace_id: str, e164: str) -> None:
+        """Release the workspace's claim on ``e164``; calls to it are rejected."""
+        if not keyspace.E164.fullmatch(e164):
+            raise UnknownNumberError(e164)
+        owner = text_or_none(await self._store.hget(keyspace.NUMBERS, e164))
+        if owner != workspace_id:
+            raise UnknownNumberError(e164)
+        async with self._store.pipeline(transaction=True) as pipe:
+            pipe.delete(keyspace.number(workspace_id, e164))
+            pipe.srem(keyspace.numbers(workspace_id), e164)
+            await pipe.execute()
+        # The claim goes last: until then the number still routes here.
+        await self._store.hdel(keyspace.NUMBERS, e164)
+
+    async def move(
+        self, workspace_id: str, e164: str, target_id: str, agent_id: str
+    ) -> Number:
+        """Hand ``e164`` to another workspace, routed to its ``agent_id``."""
+        await self._workspaces.get_agent(target_id, agent_id)
+        current = await self.resolve(e164)
+        if current.workspace.id != workspace_id:
+            raise UnknownNumberError(e164)
+        async with self._store.pipeline(transaction=True) as pipe:
+            pipe.delete(keyspace.number(workspace_id, e164))
+            pipe.srem(keyspace.numbers(workspace_id), e164)
+            await pipe.execute()
+        await self._store.hset(keyspace.NUMBERS, e164, target_id)
+        return await self.attach(
+            target_id, e164, agent_id, current.number.twilio_account_sid
+        )
+
     async def owner(self, e164: str) -> str | None:
         """The id of the workspace that owns ``e164``, if any."""
         if not keyspace.E164.fullmatch(e164):

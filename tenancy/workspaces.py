@@ -140,6 +140,50 @@ class Workspaces:
             await self._store.hset(keyspace.workspace(current.id), mapping=fields)
         return await self.get(workspace_id)
 
+    async def set_status(
+        self, workspace_id: str, status: Literal["active", "suspended"]
+    ) -> Workspace:
+        """Suspend the workspace (its numbers refuse calls) or make it active."""
+        await self.get(workspace_id)
+        await self._store.hset(keyspace.workspace(workspace_id), "status", status)
+        return await self.get(workspace_id)
+
+    async def update_agent(
+        self,
+        workspace_id: str,
+        agent_id: str,
+        *,
+        name: str | None = None,
+        assistant_id: str | None = None,
+        api_key: str | None = None,
+        audio_format: AudioFormat | None = None,
+    ) -> Agent:
+        """Change an agent; a new ``api_key`` is sealed like the first."""
+        await self.get_agent(workspace_id, agent_id)
+        fields: HashFields = {}
+        if name is not None:
+            fields["name"] = name
+        if assistant_id is not None:
+            fields["assistant_id"] = assistant_id
+        if audio_format is not None:
+            fields["audio_format"] = audio_format
+        if api_key is not None:
+            context = _api_key_context(workspace_id, agent_id)
+            fields["api_key_sealed"] = self._vault.seal(api_key, context)
+        if fields:
+            await self._store.hset(
+                keyspace.agent(workspace_id, agent_id), mapping=fields
+            )
+        return await self.get_agent(workspace_id, agent_id)
+
+    async def delete_agent(self, workspace_id: str, agent_id: str) -> None:
+        """Remove an agent; its sealed key goes with it."""
+        await self.get_agent(workspace_id, agent_id)
+        async with self._store.pipeline(transaction=True) as pipe:
+            pipe.delete(keyspace.agent(workspace_id, agent_id))
+            pipe.srem(keyspace.agents(workspace_id), agent_id)
+            await pipe.execute()
+
     async def plan(self, workspace_id: str) -> Plan | None:
         """The workspace's plan, or ``None`` when no budget is enforced."""
         fields = text_map(await self._store.hgetall(keyspace.plan(workspace_id)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +13,8 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 
 from router.store import connect, valkey_binary
+from tenancy import keyspace
+from tenancy.replies import text_map, texts
 from tests.cluster import running_cluster
 from tests.harness import Harness, running_callgate
 
@@ -63,13 +66,51 @@ def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout.close()
 
 
+_WORKSPACE_KEY = re.compile(r"cg:\{ws:(ws_[a-z2-7]{16})\}:")
+_WORKSPACE_ID = re.compile(r"ws_[a-z2-7]{16}")
+
+
+async def _values(client: redis.Redis, name: str) -> list[str]:
+    kind = await client.type(name)
+    if kind == "hash":
+        return list(text_map(await client.hgetall(name)).values())
+    if kind == "string":
+        return [str(await client.get(name))]
+    if kind == "set":
+        return texts(await client.smembers(name))
+    if kind == "zset":
+        return texts(await client.zrange(name, 0, -1))
+    if kind == "stream":
+        entries = await client.xrange(name) or []
+        return [str(text_map(fields or {})) for _, fields in entries]
+    return [str(await client.dump(name))]
+
+
+async def audit_store(client: redis.Redis) -> None:
+    """Every key is one workspace's or a documented global, and no workspace's
+    data names another workspace."""
+    async for name in client.scan_iter(count=1000):
+        if name in keyspace.GLOBAL_KEYS:
+            continue
+        owner = _WORKSPACE_KEY.match(name)
+        assert owner is not None, f"key outside any workspace namespace: {name}"
+        for value in await _values(client, name):
+            for mentioned in _WORKSPACE_ID.findall(value):
+                assert mentioned == owner.group(1), f"{name} names {mentioned}"
+
+
 @pytest.fixture
 async def store(valkey_url: str) -> AsyncIterator[redis.Redis]:
-    """A client of the session's Valkey, emptied before each test."""
+    """A client of the session's Valkey, emptied before each test.
+
+    After each test the store is audited: whatever the test made Callgate
+    write must sit in one workspace's namespace or be a documented global.
+    """
     client = connect(valkey_url)
     await client.flushall()
     try:
         yield client
+        await audit_store(client)
     finally:
         await client.aclose()
 

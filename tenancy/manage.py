@@ -1,0 +1,294 @@
+"""Operator API endpoints that manage a workspace: keys, audit, status, agents, numbers.
+
+The resource basics (create, list, read) live in tenancy.api; what is here
+changes a workspace's access or moves what it owns, and every change is
+written to the workspace's audit log.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import Field
+
+from tenancy import keyspace
+from tenancy.access import KEYS, endpoint
+from tenancy.api import (
+    AUDIT,
+    NUMBERS,
+    WORKSPACES,
+    Body,
+    agent_document,
+    audit,
+    iso,
+    json_response,
+    number_document,
+    read_body,
+    workspace_document,
+)
+from tenancy.errors import ConflictError, NotFoundError
+from tenancy.keys import ApiKey
+
+
+class CreateKey(Body):
+    """Body of ``POST /workspaces/{id}/keys``."""
+
+    role: Literal["admin", "viewer"]
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class UpdateAgent(Body):
+    """Body of ``PATCH /workspaces/{id}/agents/{agent_id}``."""
+
+    name: Annotated[str | None, Field(min_length=1, max_length=100)] = None
+    assistant_id: Annotated[str | None, Field(min_length=1, max_length=200)] = None
+    api_key: Annotated[str | None, Field(min_length=1, max_length=500)] = None
+    audio_format: Literal["mulaw", "pcm16"] | None = None
+
+
+class RouteNumber(Body):
+    """Body of ``PATCH /workspaces/{id}/numbers/{number}``."""
+
+    agent_id: Annotated[str, Field(pattern=r"^ag_[a-z2-7]{16}$")]
+
+
+class MoveNumber(Body):
+    """Body of ``POST /workspaces/{id}/numbers/{number}/move``."""
+
+    workspace_id: Annotated[str, Field(pattern=r"^ws_[a-z2-7]{16}$")]
+    agent_id: Annotated[str, Field(pattern=r"^ag_[a-z2-7]{16}$")]
+
+
+def _key(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "workspace_id": key.workspace_id,
+        "role": key.role,
+        "name": key.name,
+        "created_at": iso(key.created_at_ms),
+        "revoked_at": iso(key.revoked_at_ms),
+        "last_used_at": iso(key.last_used_at_ms),
+    }
+
+
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/keys",
+    "admin",
+    "Create a workspace key; its token is shown only in this answer",
+    body=CreateKey,
+    created=True,
+)
+async def create_key(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/keys``."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    body = await read_body(request, CreateKey)
+    key, token = await request.app[KEYS].create(workspace.id, body.role, body.name)
+    await audit(request, workspace.id, "key.create", key.id, key.role)
+    return json_response({**_key(key), "token": token}, status=201)
+
+
+@endpoint("GET", "/workspaces/{workspace_id}/keys", "admin", "List workspace keys")
+async def list_keys(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/keys``: never the tokens."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    keys = await request.app[KEYS].all(workspace.id)
+    return json_response({"items": [_key(key) for key in keys]})
+
+
+@endpoint("DELETE", "/workspaces/{workspace_id}/keys/{key_id}", "admin", "Revoke a key")
+async def revoke_key(request: web.Request) -> web.Response:
+    """``DELETE /workspaces/{workspace_id}/keys/{key_id}``: revoked at once."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    key = await request.app[KEYS].revoke(workspace.id, request.match_info["key_id"])
+    if key is None:
+        raise NotFoundError("no such key")
+    await audit(request, workspace.id, "key.revoke", key.id)
+    return json_response(_key(key))
+
+
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/keys/{key_id}/rotate",
+    "admin",
+    "Replace a key with a new token of the same role",
+    created=True,
+)
+async def rotate_key(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/keys/{key_id}/rotate``."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    rotated = await request.app[KEYS].rotate(workspace.id, request.match_info["key_id"])
+    if rotated is None:
+        raise NotFoundError("no such key")
+    key, token = rotated
+    await audit(
+        request, workspace.id, "key.rotate", key.id, request.match_info["key_id"]
+    )
+    return json_response({**_key(key), "token": token}, status=201)
+
+
+@endpoint("GET", "/workspaces/{workspace_id}/audit", "admin", "Read the audit log")
+async def read_audit(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/audit``: newest first."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    entries = await request.app[AUDIT].entries(workspace.id)
+    return json_response(
+        {
+            "items": [
+                {
+                    "at": iso(entry.at_ms),
+                    "actor": entry.actor,
+                    "action": entry.action,
+                    "target": entry.target,
+                    "detail": entry.detail,
+                }
+                for entry in entries
+            ]
+        }
+    )
+
+
+@endpoint(
+    "POST", "/workspaces/{workspace_id}/suspend", "operator", "Suspend a workspace"
+)
+async def suspend(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/suspend``: its numbers refuse calls."""
+    return await _set_status(request, "suspended")
+
+
+@endpoint("POST", "/workspaces/{workspace_id}/resume", "operator", "Resume a workspace")
+async def resume(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/resume``."""
+    return await _set_status(request, "active")
+
+
+async def _set_status(
+    request: web.Request, status: Literal["active", "suspended"]
+) -> web.Response:
+    workspaces = request.app[WORKSPACES]
+    workspace = await workspaces.set_status(request.match_info["workspace_id"], status)
+    await audit(request, workspace.id, f"workspace.{status}", workspace.id)
+    return json_response(workspace_document(workspace))
+
+
+@endpoint(
+    "GET", "/workspaces/{workspace_id}/agents/{agent_id}", "admin", "Read an agent"
+)
+async def get_agent(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/agents/{agent_id}``."""
+    agent = await request.app[WORKSPACES].get_agent(
+        request.match_info["workspace_id"], request.match_info["agent_id"]
+    )
+    return json_response(agent_document(agent))
+
+
+@endpoint(
+    "PATCH",
+    "/workspaces/{workspace_id}/agents/{agent_id}",
+    "admin",
+    "Change an agent (a new API key is write-only)",
+    body=UpdateAgent,
+)
+async def update_agent(request: web.Request) -> web.Response:
+    """``PATCH /workspaces/{workspace_id}/agents/{agent_id}``."""
+    workspace_id = request.match_info["workspace_id"]
+    body = await read_body(request, UpdateAgent)
+    agent = await request.app[WORKSPACES].update_agent(
+        workspace_id,
+        request.match_info["agent_id"],
+        name=body.name,
+        assistant_id=body.assistant_id,
+        api_key=body.api_key,
+        audio_format=body.audio_format,
+    )
+    changed = ",".join(sorted(body.model_fields_set))
+    await audit(request, workspace_id, "agent.update", agent.id, changed)
+    return json_response(agent_document(agent))
+
+
+@endpoint(
+    "DELETE",
+    "/workspaces/{workspace_id}/agents/{agent_id}",
+    "admin",
+    "Delete an agent no number routes to",
+)
+async def delete_agent(request: web.Request) -> web.Response:
+    """``DELETE /workspaces/{workspace_id}/agents/{agent_id}``."""
+    workspace_id = request.match_info["workspace_id"]
+    agent_id = request.match_info["agent_id"]
+    await request.app[WORKSPACES].get_agent(workspace_id, agent_id)
+    numbers = await request.app[NUMBERS].of_workspace(workspace_id)
+    if any(number.agent_id == agent_id for number in numbers):
+        raise ConflictError("a number still routes to this agent")
+    await request.app[WORKSPACES].delete_agent(workspace_id, agent_id)
+    await audit(request, workspace_id, "agent.delete", agent_id)
+    return web.Response(status=204)
+
+
+def _e164(request: web.Request) -> str:
+    number = request.match_info["number"]
+    if not keyspace.E164.fullmatch(number):
+        raise NotFoundError(number)
+    return number
+
+
+@endpoint(
+    "PATCH",
+    "/workspaces/{workspace_id}/numbers/{number}",
+    "admin",
+    "Route a number to another of the workspace's agents",
+    body=RouteNumber,
+)
+async def route_number(request: web.Request) -> web.Response:
+    """``PATCH /workspaces/{workspace_id}/numbers/{number}``."""
+    workspace_id = request.match_info["workspace_id"]
+    e164 = _e164(request)
+    body = await read_body(request, RouteNumber)
+    numbers = request.app[NUMBERS]
+    if await numbers.owner(e164) != workspace_id:
+        raise NotFoundError(e164)
+    current = await numbers.resolve(e164)
+    number = await numbers.attach(
+        workspace_id, e164, body.agent_id, current.number.twilio_account_sid
+    )
+    await audit(request, workspace_id, "number.route", e164, body.agent_id)
+    return json_response(number_document(number))
+
+
+@endpoint(
+    "DELETE",
+    "/workspaces/{workspace_id}/numbers/{number}",
+    "admin",
+    "Detach a number from the workspace",
+)
+async def detach_number(request: web.Request) -> web.Response:
+    """``DELETE /workspaces/{workspace_id}/numbers/{number}``."""
+    workspace_id = request.match_info["workspace_id"]
+    e164 = _e164(request)
+    await request.app[NUMBERS].detach(workspace_id, e164)
+    await audit(request, workspace_id, "number.detach", e164)
+    return web.Response(status=204)
+
+
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/numbers/{number}/move",
+    "operator",
+    "Move a number to another workspace",
+    body=MoveNumber,
+)
+async def move_number(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/numbers/{number}/move``: operator only."""
+    workspace_id = request.match_info["workspace_id"]
+    e164 = _e164(request)
+    body = await read_body(request, MoveNumber)
+    target = await request.app[WORKSPACES].get(body.workspace_id)
+    number = await request.app[NUMBERS].move(
+        workspace_id, e164, target.id, body.agent_id
+    )
+    # Neither log names the other workspace: no workspace's data may hold
+    # another's id (it would outlive an offboarding).
+    await audit(request, workspace_id, "number.move_out", e164, "to another workspace")
+    await audit(request, target.id, "number.move_in", e164, "from another workspace")
+    return json_response(number_document(number))
