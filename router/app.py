@@ -30,7 +30,7 @@ from router.signatures import TwilioSigner
 from router.store import EmbeddedValkey, connect, connect_cluster
 from router.tokens import StreamTokens
 from router.twilio_api import TwilioApi
-from tenancy import access, api, manage
+from tenancy import access, api, manage, openapi
 from tenancy.audit import Audit
 from tenancy.keys import Keys
 from tenancy.logs import access_logger, router_logger
@@ -47,7 +47,7 @@ RECONCILER = web.AppKey("reconciler", Reconciler)
 
 _MAX_BODY_BYTES = 256 * 1024
 # Imported for the operator API endpoints they declare (tenancy.access).
-ENDPOINT_MODULES = (api, manage)
+ENDPOINT_MODULES = (api, manage, openapi)
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:

@@ -14,11 +14,10 @@ import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as redis
 from aiohttp import web
-from pydantic import BaseModel
 
 from tenancy.errors import (
     CallgateError,
@@ -50,8 +49,15 @@ class Endpoint:
     handler: Handler
     access: Access
     summary: str
-    body: type[BaseModel] | None = None
+    body: type[Any] | None = None
     created: bool = False
+    empty: bool = False
+    query: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def success(self) -> int:
+        """The status a successful call answers with."""
+        return 204 if self.empty else 201 if self.created else 200
 
 
 ENDPOINTS: list[Endpoint] = []
@@ -62,14 +68,30 @@ def endpoint(
     path: str,
     access: Access,
     summary: str,
-    body: type[BaseModel] | None = None,
+    body: type[Any] | None = None,
     created: bool = False,
+    empty: bool = False,
+    query: tuple[tuple[str, str], ...] = (),
 ) -> Callable[[Handler], Handler]:
-    """Declare a handler as the endpoint ``method`` ``path`` (under /api/v1)."""
+    """Declare a handler as the endpoint ``method`` ``path`` (under /api/v1).
+
+    ``body`` is the request model (pydantic, or a dataclass pydantic can
+    describe); ``query`` lists (name, description) of optional parameters.
+    """
 
     def register(handler: Handler) -> Handler:
         ENDPOINTS.append(
-            Endpoint(method, PREFIX + path, handler, access, summary, body, created)
+            Endpoint(
+                method,
+                PREFIX + path,
+                handler,
+                access,
+                summary,
+                body,
+                created,
+                empty,
+                query,
+            )
         )
         return handler
 

@@ -286,7 +286,11 @@ async def update_workspace(request: web.Request) -> web.Response:
 
 
 @endpoint(
-    "PUT", "/workspaces/{workspace_id}/plan", "operator", "Set the workspace's plan"
+    "PUT",
+    "/workspaces/{workspace_id}/plan",
+    "operator",
+    "Set the workspace's plan",
+    body=Plan,
 )
 async def put_plan(request: web.Request) -> web.Response:
     """``PUT /workspaces/{workspace_id}/plan``: set the workspace's plan."""
@@ -401,6 +405,7 @@ async def list_numbers(request: web.Request) -> web.Response:
     "/workspaces/{workspace_id}/usage",
     "viewer",
     "Usage and statement for a period",
+    query=(("period", "YYYY-MM or YYYY-MM-DD, in the plan's time zone"),),
 )
 async def get_usage(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/usage?period=YYYY-MM[-DD]``.
@@ -426,7 +431,11 @@ async def get_usage(request: web.Request) -> web.Response:
 
 
 @endpoint(
-    "GET", "/workspaces/{workspace_id}/calls", "viewer", "List calls, newest first"
+    "GET",
+    "/workspaces/{workspace_id}/calls",
+    "viewer",
+    "List calls, newest first",
+    query=(("limit", "how many, 1 to 500 (default 50)"),),
 )
 async def list_calls(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/calls?limit=N``: newest first."""

@@ -212,6 +212,7 @@ async def update_agent(request: web.Request) -> web.Response:
     "/workspaces/{workspace_id}/agents/{agent_id}",
     "admin",
     "Delete an agent no number routes to",
+    empty=True,
 )
 async def delete_agent(request: web.Request) -> web.Response:
     """``DELETE /workspaces/{workspace_id}/agents/{agent_id}``."""
@@ -261,6 +262,7 @@ async def route_number(request: web.Request) -> web.Response:
     "/workspaces/{workspace_id}/numbers/{number}",
     "admin",
     "Detach a number from the workspace",
+    empty=True,
 )
 async def detach_number(request: web.Request) -> web.Response:
     """``DELETE /workspaces/{workspace_id}/numbers/{number}``."""

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import json
 import math
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from twilio.request_validator import RequestValidator
+from twilio.rest import Client
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -626,6 +628,297 @@ async def test_fake_twilio_rest_redirect_ends_stream(
     assert call.status == "completed"
     with pytest.raises(PeerStateError):
         await call.wait_for_audio(1, TIMEOUT_SECS)
+
+
+def api(rest: FakeTwilioRest, path: str) -> str:
+    return f"{rest.url}/2010-04-01{path}"
+
+
+async def create_subaccount(
+    rest: FakeTwilioRest, session: aiohttp.ClientSession, main: TwilioAccount
+) -> TwilioAccount:
+    form = {"FriendlyName": "workspace"}
+    async with session.post(
+        api(rest, "/Accounts.json"), data=form, headers=basic_auth(main)
+    ) as r:
+        assert r.status == 201
+        body = await r.json()
+    return TwilioAccount(body["sid"], body["auth_token"])
+
+
+async def buy_number(
+    rest: FakeTwilioRest,
+    session: aiohttp.ClientSession,
+    credentials: TwilioAccount,
+    owner_sid: str,
+    form: dict[str, str],
+) -> tuple[int, dict[str, Any]]:
+    path = api(rest, f"/Accounts/{owner_sid}/IncomingPhoneNumbers.json")
+    async with session.post(path, data=form, headers=basic_auth(credentials)) as r:
+        return r.status, await r.json()
+
+
+@pytest.fixture
+def main_account(rest: FakeTwilioRest) -> TwilioAccount:
+    account = new_account()
+    rest.add_account(account)
+    return account
+
+
+async def test_fake_twilio_rest_creates_subaccount_with_own_token(
+    rest: FakeTwilioRest, session: aiohttp.ClientSession, main_account: TwilioAccount
+) -> None:
+    """A main account creates a subaccount whose token reaches only itself."""
+    form = {"FriendlyName": "workspace w_1"}
+    headers = basic_auth(main_account)
+    async with session.post(
+        api(rest, "/Accounts.json"), data=form, headers=headers
+    ) as r:
+        assert r.status == 201
+        body = await r.json()
+    sub = TwilioAccount(body["sid"], body["auth_token"])
+    assert re.fullmatch(r"AC[0-9a-f]{32}", sub.sid)
+    assert re.fullmatch(r"[0-9a-f]{32}", sub.auth_token)
+    assert body["owner_account_sid"] == main_account.sid
+    assert (body["status"], body["type"]) == ("active", "Full")
+    assert body["friendly_name"] == "workspace w_1"
+    assert rest.subaccounts == {sub.sid: sub}
+    assert rest.parent_of(sub.sid) == main_account.sid
+    assert rest.parent_of(main_account.sid) is None
+
+    async with session.get(
+        api(rest, f"/Accounts/{sub.sid}.json"), headers=basic_auth(sub)
+    ) as r:
+        assert r.status == 200
+        assert (await r.json())["auth_token"] == sub.auth_token
+    async with session.get(
+        api(rest, f"/Accounts/{main_account.sid}.json"), headers=basic_auth(sub)
+    ) as r:
+        assert r.status == 401
+        assert (await r.json())["code"] == 20003
+    async with session.get(api(rest, "/Accounts.json"), headers=headers) as r:
+        listed = [account["sid"] for account in (await r.json())["accounts"]]
+    assert listed == [main_account.sid, sub.sid]
+
+
+async def test_fake_twilio_rest_refuses_subaccount_creating_accounts(
+    rest: FakeTwilioRest, session: aiohttp.ClientSession, main_account: TwilioAccount
+) -> None:
+    """Subaccount credentials get 403 with code 20006 on POST /Accounts.json."""
+    sub = await create_subaccount(rest, session, main_account)
+    async with session.post(
+        api(rest, "/Accounts.json"), data={}, headers=basic_auth(sub)
+    ) as r:
+        assert r.status == 403
+        assert (await r.json())["code"] == 20006
+    assert list(rest.subaccounts) == [sub.sid]
+
+
+async def test_fake_twilio_rest_buys_searched_number_into_subaccount(
+    rest: FakeTwilioRest, session: aiohttp.ClientSession, main_account: TwilioAccount
+) -> None:
+    """A number found by area code is bought into the subaccount and leaves sale."""
+    sub = await create_subaccount(rest, session, main_account)
+    search = api(rest, f"/Accounts/{sub.sid}/AvailablePhoneNumbers/US/Local.json")
+    headers = basic_auth(main_account)
+    async with session.get(search, params={"AreaCode": "415"}, headers=headers) as r:
+        found = (await r.json())["available_phone_numbers"]
+    assert [n["phone_number"][:5] for n in found] == ["+1415"] * 3
+    assert found[0]["friendly_name"] == "(415) 555-0101"
+    number = found[0]["phone_number"]
+
+    form = {
+        "PhoneNumber": number,
+        "VoiceUrl": "https://callgate.test/twilio/voice",
+        "VoiceMethod": "POST",
+        "StatusCallback": "https://callgate.test/twilio/status",
+        "StatusCallbackMethod": "POST",
+    }
+    status, bought = await buy_number(rest, session, main_account, sub.sid, form)
+    assert status == 201
+    assert re.fullmatch(r"PN[0-9a-f]{32}", bought["sid"])
+    assert (bought["phone_number"], bought["account_sid"]) == (number, sub.sid)
+    assert bought["voice_url"] == "https://callgate.test/twilio/voice"
+    assert bought["status_callback"] == "https://callgate.test/twilio/status"
+    assert rest.owner_of(number) == sub.sid
+    assert rest.account_for(number) == sub
+
+    async with session.get(search, params={"AreaCode": "415"}, headers=headers) as r:
+        left = [n["phone_number"] for n in (await r.json())["available_phone_numbers"]]
+    assert number not in left
+    numbers = api(rest, f"/Accounts/{sub.sid}/IncomingPhoneNumbers")
+    own = basic_auth(sub)
+    query = {"PhoneNumber": number}
+    async with session.get(f"{numbers}.json", params=query, headers=own) as r:
+        listed = (await r.json())["incoming_phone_numbers"]
+    assert [n["sid"] for n in listed] == [bought["sid"]]
+    async with session.get(f"{numbers}/{bought['sid']}.json", headers=own) as r:
+        assert (await r.json())["phone_number"] == number
+    assert rest.requests[-1].query == {}
+    assert rest.requests[-2].query == query
+
+
+async def test_fake_twilio_rest_refuses_unavailable_number(
+    rest: FakeTwilioRest, session: aiohttp.ClientSession, main_account: TwilioAccount
+) -> None:
+    """A number not for sale gets 21422; an area code with none left gets 21452."""
+    sub = await create_subaccount(rest, session, main_account)
+    form = {"PhoneNumber": "+14155550199"}
+    status, body = await buy_number(rest, session, main_account, sub.sid, form)
+    assert (status, body["code"]) == (400, 21422)
+
+    rest.add_available("+13105550101", "310")
+    form = {"AreaCode": "310"}
+    status, body = await buy_number(rest, session, main_account, sub.sid, form)
+    assert (status, body["phone_number"]) == (201, "+13105550101")
+    status, body = await buy_number(rest, session, main_account, sub.sid, form)
+    assert (status, body["code"]) == (400, 21452)
+    form = {"PhoneNumber": "+13105550101"}
+    status, body = await buy_number(rest, session, main_account, sub.sid, form)
+    assert (status, body["code"]) == (400, 21422)
+    assert rest.owner_of("+14155550199") is None
+
+
+async def test_fake_twilio_rest_transfers_number_only_with_parent_credentials(
+    rest: FakeTwilioRest, session: aiohttp.ClientSession, main_account: TwilioAccount
+) -> None:
+    """The parent moves a number between subaccounts; their own tokens cannot."""
+    first = await create_subaccount(rest, session, main_account)
+    second = await create_subaccount(rest, session, main_account)
+    stranger = new_account()
+    rest.add_account(stranger)
+    foreign = rest.create_subaccount(stranger)
+    form = {"PhoneNumber": "+12125550101", "VoiceUrl": "https://callgate.test/v"}
+    _, bought = await buy_number(rest, session, first, first.sid, form)
+    path = api(rest, f"/Accounts/{first.sid}/IncomingPhoneNumbers/{bought['sid']}")
+
+    move = {"AccountSid": second.sid}
+    async with session.post(f"{path}.json", data=move, headers=basic_auth(first)) as r:
+        assert r.status == 400
+        assert (await r.json())["code"] == 21474
+    away = {"AccountSid": foreign.sid}
+    headers = basic_auth(main_account)
+    async with session.post(f"{path}.json", data=away, headers=headers) as r:
+        assert r.status == 400
+        assert (await r.json())["code"] == 21473
+    assert rest.owner_of("+12125550101") == first.sid
+
+    async with session.post(f"{path}.json", data=move, headers=headers) as r:
+        assert r.status == 200
+        moved = await r.json()
+    assert (moved["account_sid"], moved["voice_url"]) == (
+        second.sid,
+        "https://callgate.test/v",
+    )
+    assert rest.owner_of("+12125550101") == second.sid
+    assert rest.account_for("+12125550101") == second
+    async with session.get(f"{path}.json", headers=headers) as r:
+        assert (await r.json())["code"] == 20404
+
+
+async def test_fake_twilio_rest_releases_number(
+    rest: FakeTwilioRest, session: aiohttp.ClientSession, main_account: TwilioAccount
+) -> None:
+    """DELETE answers 204 and the number has no owner afterwards."""
+    sub = await create_subaccount(rest, session, main_account)
+    form = {"AreaCode": "212"}
+    _, bought = await buy_number(rest, session, main_account, sub.sid, form)
+    path = api(rest, f"/Accounts/{sub.sid}/IncomingPhoneNumbers/{bought['sid']}.json")
+    async with session.delete(path, headers=basic_auth(sub)) as r:
+        assert r.status == 204
+    assert rest.owner_of(bought["phone_number"]) is None
+    with pytest.raises(PeerStateError):
+        rest.account_for(bought["phone_number"])
+    async with session.get(path, headers=basic_auth(sub)) as r:
+        assert r.status == 404
+    assert rest.count("DELETE", 204) == 1
+
+
+async def test_fake_twilio_rest_closing_account_releases_numbers(
+    rest: FakeTwilioRest, session: aiohttp.ClientSession, main_account: TwilioAccount
+) -> None:
+    """Status=closed releases every number and retires the subaccount's token."""
+    sub = await create_subaccount(rest, session, main_account)
+    for number in ("+14155550101", "+14155550102"):
+        await buy_number(rest, session, sub, sub.sid, {"PhoneNumber": number})
+    path = api(rest, f"/Accounts/{sub.sid}.json")
+    headers = basic_auth(main_account)
+
+    closed = {"Status": "closed"}
+    async with session.post(path, data=closed, headers=basic_auth(sub)) as r:
+        assert (r.status, (await r.json())["code"]) == (403, 20006)
+    async with session.post(path, data=closed, headers=headers) as r:
+        assert (await r.json())["status"] == "closed"
+    assert rest.owner_of("+14155550101") is None
+    assert rest.owner_of("+14155550102") is None
+    assert rest.account_status(sub.sid) == "closed"
+    async with session.get(path, headers=basic_auth(sub)) as r:
+        assert r.status == 401
+    reopen = {"Status": "active"}
+    async with session.post(path, data=reopen, headers=headers) as r:
+        assert (r.status, (await r.json())["code"]) == (400, 21100)
+    main_path = api(rest, f"/Accounts/{main_account.sid}.json")
+    async with session.post(main_path, data=closed, headers=headers) as r:
+        assert (r.status, (await r.json())["code"]) == (400, 21477)
+
+
+async def test_fake_twilio_rest_number_webhooks_need_owner_token(
+    rest: FakeTwilioRest, session: aiohttp.ClientSession, main_account: TwilioAccount
+) -> None:
+    """A subaccount number's webhooks validate with its token, not the main one."""
+    sub = rest.create_subaccount(main_account, "workspace w_2")
+    form = {"AreaCode": "415"}
+    _, bought = await buy_number(rest, session, main_account, sub.sid, form)
+    number = bought["phone_number"]
+    server = StandIn(sub)
+    await server.start()
+    voice = f"http://{server.base}/voice"
+    status = f"http://{server.base}/status"
+    owner = TwilioSimulator(session, rest.account_for(number), voice, status, rest=rest)
+    parent = TwilioSimulator(session, main_account, voice, status)
+    try:
+        call = await owner.place_call(number, "+14155551212")
+        assert call.account == sub
+        assert await owner.send_status_callback(call, duration_secs=5) == 204
+        assert await parent.send_status_callback(call, duration_secs=5) == 403
+    finally:
+        await owner.close()
+        await server.close()
+    assert rest.parent_of(sub.sid) == main_account.sid
+
+
+def drive_with_twilio_python(base_url: str, main: TwilioAccount) -> list[str]:
+    """Provision through twilio-python's own client, as Callgate might."""
+    client = Client(main.sid, main.auth_token)
+    client.api.base_url = base_url
+    accounts = client.api.v2010.accounts
+    sub = accounts.create(friendly_name="workspace w_3")
+    scoped = accounts(sub.sid)
+    found = scoped.available_phone_numbers("US").local.list(area_code="212", limit=2)
+    bought = scoped.incoming_phone_numbers.create(
+        phone_number=found[0].phone_number, voice_url="https://callgate.test/v"
+    )
+    other = accounts.create()
+    moved = scoped.incoming_phone_numbers(bought.sid).update(account_sid=other.sid)
+    listed = accounts(other.sid).incoming_phone_numbers.list()
+    closed = accounts(sub.sid).update(status="closed")
+    return [
+        str(sub.owner_account_sid),
+        str(bought.phone_number),
+        str(moved.account_sid),
+        str(listed[0].sid == bought.sid),
+        str(closed.status),
+    ]
+
+
+async def test_fake_twilio_rest_speaks_twilio_python(
+    rest: FakeTwilioRest, main_account: TwilioAccount
+) -> None:
+    """twilio-python's REST client reads every resource the fake renders."""
+    seen = await asyncio.to_thread(drive_with_twilio_python, rest.url, main_account)
+    owner = rest.owner_of("+12125550101")
+    assert owner in rest.subaccounts
+    assert seen == [main_account.sid, "+12125550101", owner, "True", "closed"]
 
 
 RETELL_AUTH = {"Authorization": "Bearer retell-key"}

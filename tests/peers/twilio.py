@@ -1,12 +1,15 @@
-"""Plays Twilio against Callgate: signed voice webhooks, the calls they start, REST."""
+"""Plays Twilio against Callgate: signed voice webhooks, the calls they start, REST.
+
+The REST side also runs subaccounts and phone numbers (§3); twilio_numbers holds
+that state and lists the error codes it answers with.
+"""
 
 import base64
 import binascii
 import email.utils
-import hmac
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -26,17 +29,32 @@ from .twilio_auth import (
 )
 from .twilio_call import TERMINAL_STATUSES, CallStatus, ProtocolError, SimulatedCall
 from .twilio_dial import DialedLeg, LegStatus
+from .twilio_numbers import (
+    SUBACCOUNT_LIMIT,
+    AccountRecord,
+    AccountStatus,
+    IncomingNumber,
+    NumberConfig,
+    RestRefusedError,
+    TwilioDirectory,
+    account_resource,
+    available_resource,
+    number_resource,
+)
 from .waiting import Changes
 from .webhooks import WebhookDelivery, WebhookSender
 
 __all__ = [
+    "AccountStatus",
     "CallStatus",
     "DialRefusedError",
     "DialedLeg",
     "FakeTwilioRest",
+    "IncomingNumber",
     "LegStatus",
     "ProtocolError",
     "RecordedRequest",
+    "RestRefusedError",
     "SimulatedCall",
     "StreamRejected",
     "TwilioAccount",
@@ -162,15 +180,29 @@ def _rfc2822(moment: datetime | None) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
-    """One request FakeTwilioRest received and the HTTP status it answered."""
+    """One request FakeTwilioRest received and the HTTP status it answered.
+
+    form is the posted body; query holds the URL's parameters, as a search sends.
+    """
 
     method: str
     path: str
     form: Mapping[str, str]
     status: int
+    query: Mapping[str, str] = field(default_factory=dict)
 
 
-_CALL_PATH: Final = "/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json"
+_ACCOUNT_BASE: Final = f"/{API_VERSION}/Accounts/{{account_sid}}"
+_CALL_PATH: Final = f"{_ACCOUNT_BASE}/Calls/{{call_sid}}.json"
+_ACCOUNTS_PATH: Final = f"/{API_VERSION}/Accounts.json"
+_ACCOUNT_PATH: Final = f"{_ACCOUNT_BASE}.json"
+_AVAILABLE_PATH: Final = (
+    f"{_ACCOUNT_BASE}/AvailablePhoneNumbers/{{country}}/{{kind}}.json"
+)
+_NUMBERS_PATH: Final = f"{_ACCOUNT_BASE}/IncomingPhoneNumbers.json"
+_NUMBER_PATH: Final = f"{_ACCOUNT_BASE}/IncomingPhoneNumbers/{{number_sid}}.json"
+# Twilio's default PageSize for list resources.
+_PAGE_SIZE: Final = 50
 
 
 def _twilio_error(status: int, code: int, message: str) -> web.Response:
@@ -181,6 +213,49 @@ def _twilio_error(status: int, code: int, message: str) -> web.Response:
         "status": status,
     }
     return web.json_response(body, status=status)
+
+
+def _refusal(error: RestRefusedError) -> web.Response:
+    response = _twilio_error(error.status, error.code, error.message)
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
+    return response
+
+
+@web.middleware
+async def _answer_refusals(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RestRefusedError as exc:
+        return _refusal(exc)
+
+
+def _page_size(query: Mapping[str, str]) -> int:
+    raw = query.get("PageSize")
+    if raw is None:
+        return _PAGE_SIZE
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise RestRefusedError(400, 20001, "PageSize must be 1 to 1000")
+    return int(raw)
+
+
+def _page(
+    key: str, items: list[JsonObject], request: web.Request, page_size: int
+) -> JsonObject:
+    """A v2010 list answer: page 0 only, with no next page, as no test pages."""
+    return {
+        key: items[:page_size],
+        "end": max(min(len(items), page_size) - 1, 0),
+        "first_page_uri": request.path_qs,
+        "next_page_uri": None,
+        "page": 0,
+        "page_size": page_size,
+        "previous_page_uri": None,
+        "start": 0,
+        "uri": request.path_qs,
+    }
 
 
 def _basic_credentials(header: str) -> tuple[str, str] | None:
@@ -204,15 +279,17 @@ async def _form(request: web.Request) -> dict[str, str]:
 
 
 class FakeTwilioRest:
-    """Twilio's REST API for calls (§2.7), acting on live SimulatedCalls.
+    """Twilio's REST API for calls (§2.7), subaccounts and phone numbers (§3).
 
-    Serves http://127.0.0.1:<port>, meant as CALLGATE_TWILIO_API_URL.
+    Serves http://127.0.0.1:<port>, meant as CALLGATE_TWILIO_API_URL. Calls are
+    live SimulatedCalls; accounts and numbers live in a TwilioDirectory, which a
+    fresh fake stocks with a few numbers for sale in area codes 415 and 212.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, subaccount_limit: int = SUBACCOUNT_LIMIT) -> None:
         self.requests: list[RecordedRequest] = []
         self._recorded = Changes()
-        self._accounts: dict[str, TwilioAccount] = {}
+        self._directory = TwilioDirectory(subaccount_limit)
         self._calls: dict[str, SimulatedCall] = {}
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
@@ -225,8 +302,70 @@ class FakeTwilioRest:
         return self._url
 
     def add_account(self, account: TwilioAccount) -> None:
-        """Accept Basic auth with this account's sid and token."""
-        self._accounts[account.sid] = account
+        """Accept Basic auth with this account's sid and token, as a main account.
+
+        A sid the fake knows already, such as a subaccount it created, keeps its
+        place; the same sid with another token raises PeerStateError.
+        """
+        self._directory.add_main(account)
+
+    @property
+    def subaccounts(self) -> dict[str, TwilioAccount]:
+        """Every subaccount created so far, closed ones included, by sid."""
+        return self._directory.subaccounts()
+
+    def parent_of(self, sid: str) -> str | None:
+        """The main account owning subaccount sid; None for a main or unknown sid."""
+        record = self._directory.account(sid)
+        if record is None or record.is_main:
+            return None
+        return record.owner_account_sid
+
+    def account_status(self, sid: str) -> AccountStatus:
+        """active, suspended or closed; PeerStateError for an unknown sid."""
+        return self._known(sid).status
+
+    def create_subaccount(
+        self, parent: TwilioAccount, friendly_name: str | None = None
+    ) -> TwilioAccount:
+        """Create a subaccount of parent as POST /Accounts.json would, unrecorded.
+
+        For tests that start from a workspace provisioned earlier.
+        """
+        record = self._directory.create_subaccount(
+            self._known(parent.sid), friendly_name
+        )
+        return record.account
+
+    def add_available(self, number: str, area_code: str) -> None:
+        """Put an E.164 +1 number in area_code up for sale."""
+        self._directory.add_available(number, area_code)
+
+    def owner_of(self, phone_number: str) -> str | None:
+        """The sid of the account that owns phone_number, None if nobody does."""
+        number = self._directory.owned(phone_number)
+        return None if number is None else number.account_sid
+
+    def incoming_number(self, phone_number: str) -> IncomingNumber | None:
+        """The bought number with its voice configuration, None if not owned."""
+        return self._directory.owned(phone_number)
+
+    def account_for(self, phone_number: str) -> TwilioAccount:
+        """The owner of phone_number, whose token signs its webhooks (§3).
+
+        Build the TwilioSimulator for that number with it. PeerStateError if no
+        account owns the number.
+        """
+        owner = self.owner_of(phone_number)
+        if owner is None:
+            raise PeerStateError(f"no account owns {phone_number}")
+        return self._known(owner).account
+
+    def _known(self, sid: str) -> AccountRecord:
+        record = self._directory.account(sid)
+        if record is None:
+            raise PeerStateError(f"unknown account {sid}")
+        return record
 
     def register_call(self, call: SimulatedCall) -> None:
         """Make call reachable under its account's Calls resource."""
@@ -234,9 +373,19 @@ class FakeTwilioRest:
 
     async def start(self) -> None:
         """Listen on an ephemeral loopback port."""
-        app = web.Application(middlewares=[self._record])
+        app = web.Application(middlewares=[self._record, _answer_refusals])
         app.router.add_post(_CALL_PATH, self._update_call)
         app.router.add_get(_CALL_PATH, self._fetch_call)
+        app.router.add_get(_ACCOUNTS_PATH, self._list_accounts)
+        app.router.add_post(_ACCOUNTS_PATH, self._create_account)
+        app.router.add_get(_ACCOUNT_PATH, self._fetch_account)
+        app.router.add_post(_ACCOUNT_PATH, self._update_account)
+        app.router.add_get(_AVAILABLE_PATH, self._search_numbers)
+        app.router.add_get(_NUMBERS_PATH, self._list_numbers)
+        app.router.add_post(_NUMBERS_PATH, self._buy_number)
+        app.router.add_get(_NUMBER_PATH, self._fetch_number)
+        app.router.add_post(_NUMBER_PATH, self._update_number)
+        app.router.add_delete(_NUMBER_PATH, self._release_number)
         runner = web.AppRunner(app, shutdown_timeout=1.0)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -276,6 +425,7 @@ class FakeTwilioRest:
         self, request: web.Request, handler: Handler
     ) -> web.StreamResponse:
         form = await _form(request)
+        query = dict(request.query)
         status = 500
         try:
             response = await handler(request)
@@ -286,22 +436,36 @@ class FakeTwilioRest:
             raise
         finally:
             self.requests.append(
-                RecordedRequest(request.method, request.path, form, status)
+                RecordedRequest(request.method, request.path, form, status, query)
             )
             self._recorded.notify()
 
+    def _caller(self, request: web.Request) -> AccountRecord:
+        """The active account whose sid and token the request carries."""
+        header = request.headers.get("Authorization", "")
+        credentials = _basic_credentials(header)
+        if credentials is not None:
+            caller = self._directory.authenticate(*credentials)
+            if caller is not None:
+                return caller
+        raise RestRefusedError(401, 20003, "Authenticate")
+
+    def _authorize(self, request: web.Request) -> tuple[AccountRecord, AccountRecord]:
+        """The caller and the path's account, if the caller's credentials reach it.
+
+        A main account reaches its subaccounts; a subaccount only itself (§3).
+        """
+        caller = self._caller(request)
+        account = self._directory.account(request.match_info["account_sid"])
+        if account is None or not self._directory.may_act_on(caller, account.sid):
+            raise RestRefusedError(401, 20003, "Authenticate")
+        return caller, account
+
     def _authenticate(self, request: web.Request) -> web.Response | None:
-        account = self._accounts.get(request.match_info["account_sid"])
-        credentials = _basic_credentials(request.headers.get("Authorization", ""))
-        if (
-            account is None
-            or credentials is None
-            or credentials[0] != account.sid
-            or not hmac.compare_digest(credentials[1], account.auth_token)
-        ):
-            response = _twilio_error(401, 20003, "Authenticate")
-            response.headers["WWW-Authenticate"] = 'Basic realm="Twilio API"'
-            return response
+        try:
+            self._authorize(request)
+        except RestRefusedError as exc:
+            return _refusal(exc)
         return None
 
     def _find_call(self, request: web.Request) -> SimulatedCall | None:
@@ -431,3 +595,103 @@ class FakeTwilioRest:
             "answered_by": None,
             "uri": path,
         }
+
+    # Accounts (§3) ------------------------------------------------------------
+
+    async def _list_accounts(self, request: web.Request) -> web.Response:
+        caller = self._caller(request)
+        name = request.query.get("FriendlyName")
+        status = request.query.get("Status")
+        records = [
+            record
+            for record in self._directory.visible_to(caller)
+            if name in (None, record.friendly_name) and status in (None, record.status)
+        ]
+        items = [account_resource(record) for record in records]
+        page_size = _page_size(request.query)
+        return web.json_response(_page("accounts", items, request, page_size))
+
+    async def _create_account(self, request: web.Request) -> web.Response:
+        caller = self._caller(request)
+        form = await _form(request)
+        record = self._directory.create_subaccount(caller, form.get("FriendlyName"))
+        logger.info("subaccount %s created under %s", record.sid, caller.sid)
+        return web.json_response(account_resource(record), status=201)
+
+    async def _fetch_account(self, request: web.Request) -> web.Response:
+        _, account = self._authorize(request)
+        return web.json_response(account_resource(account))
+
+    async def _update_account(self, request: web.Request) -> web.Response:
+        caller, account = self._authorize(request)
+        form = await _form(request)
+        status = form.get("Status")
+        self._directory.update_account(
+            caller, account, status, form.get("FriendlyName")
+        )
+        if status is not None:
+            logger.info("account %s is %s", account.sid, account.status)
+        return web.json_response(account_resource(account))
+
+    # Phone numbers (§3) -------------------------------------------------------
+
+    async def _search_numbers(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        country, kind = request.match_info["country"], request.match_info["kind"]
+        if (country, kind) != ("US", "Local"):
+            message = f"The requested resource {request.path} was not found"
+            raise RestRefusedError(404, 20404, message)
+        page_size = _page_size(request.query)
+        found = self._directory.search(request.query.get("AreaCode"), page_size)
+        items = [available_resource(number) for number in found]
+        key = "available_phone_numbers"
+        return web.json_response(_page(key, items, request, page_size))
+
+    async def _buy_number(self, request: web.Request) -> web.Response:
+        _, account = self._authorize(request)
+        form = await _form(request)
+        number = self._directory.buy(
+            account,
+            form.get("PhoneNumber"),
+            form.get("AreaCode"),
+            NumberConfig.from_form(form),
+        )
+        logger.info("number %s bought into %s", number.phone_number, account.sid)
+        return web.json_response(number_resource(number), status=201)
+
+    async def _list_numbers(self, request: web.Request) -> web.Response:
+        _, account = self._authorize(request)
+        page_size = _page_size(request.query)
+        owned = self._directory.numbers_of(
+            account.sid, request.query.get("PhoneNumber")
+        )
+        items = [number_resource(number) for number in owned]
+        key = "incoming_phone_numbers"
+        return web.json_response(_page(key, items, request, page_size))
+
+    async def _fetch_number(self, request: web.Request) -> web.Response:
+        _, account = self._authorize(request)
+        number = self._directory.number(account.sid, request.match_info["number_sid"])
+        return web.json_response(number_resource(number))
+
+    async def _update_number(self, request: web.Request) -> web.Response:
+        caller, account = self._authorize(request)
+        number = self._directory.number(account.sid, request.match_info["number_sid"])
+        form = await _form(request)
+        config = NumberConfig.from_form(form)
+        self._directory.update_number(caller, number, form.get("AccountSid"), config)
+        if number.account_sid != account.sid:
+            logger.info(
+                "number %s moved from %s to %s",
+                number.phone_number,
+                account.sid,
+                number.account_sid,
+            )
+        return web.json_response(number_resource(number))
+
+    async def _release_number(self, request: web.Request) -> web.Response:
+        _, account = self._authorize(request)
+        number = self._directory.number(account.sid, request.match_info["number_sid"])
+        self._directory.release(number)
+        logger.info("number %s released by %s", number.phone_number, account.sid)
+        return web.Response(status=204)
