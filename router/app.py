@@ -29,7 +29,6 @@ from router.settings import Settings
 from router.signatures import TwilioSigner
 from router.store import EmbeddedValkey, connect, connect_cluster
 from router.tokens import StreamTokens
-from router.twilio_api import TwilioApi
 from tenancy import access, api, manage, openapi
 from tenancy.audit import Audit
 from tenancy.keys import Keys
@@ -37,6 +36,8 @@ from tenancy.logs import access_logger, router_logger
 from tenancy.numbers import Numbers
 from tenancy.problems import problem
 from tenancy.replies import Store
+from tenancy.twilio_accounts import TwilioAccounts
+from tenancy.twilio_api import TwilioApi
 from tenancy.vault import Vault
 from tenancy.workspaces import Workspaces
 
@@ -91,6 +92,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     )
     http = aiohttp.ClientSession()
 
+    accounts = TwilioAccounts(
+        store, vault, settings.twilio_account_sid, settings.twilio_auth_token
+    )
+    app[api.TWILIO_ACCOUNTS] = accounts
+    app[webhooks.SIGNER] = TwilioSigner(
+        accounts.token, enabled=settings.verify_signatures
+    )
+    app[api.PUBLIC_URL] = settings.public_url
     app[access.OPERATOR_KEY] = settings.operator_key
     app[access.KEYS] = Keys(store, settings.secret_key)
     app[api.AUDIT] = Audit(store)
@@ -109,7 +118,10 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         http, settings.retell_api_url, settings.upstream_timeout_secs
     )
     app[stream.TWILIO_API] = TwilioApi(
-        http, settings.twilio_api_url, twilio_tokens(settings)
+        http,
+        settings.twilio_api_url,
+        twilio_tokens(settings),
+        main_account_sid=settings.twilio_account_sid,
     )
     app[HTTP] = http
     sweeper = budget.Sweeper(
@@ -216,9 +228,7 @@ def create_app(
     )
     app[webhooks.SETTINGS] = settings
     app[webhooks.METRICS] = Metrics(registry or CollectorRegistry())
-    app[webhooks.SIGNER] = TwilioSigner(
-        twilio_tokens(settings), enabled=settings.verify_signatures
-    )
+
     live_calls: set[asyncio.Task[object]] = set()
     app[stream.LIVE_CALLS] = live_calls
 

@@ -23,11 +23,11 @@ from metering.metrics import Metrics
 from metering.plans import Plan, hard_cap_ms, period_of
 from metering.quota import Admission, Quota
 from router.settings import Settings
-from router.twilio_api import TwilioApi, TwilioApiError
 from tenancy import keyspace
 from tenancy.logs import metering_logger
 from tenancy.numbers import Route
 from tenancy.replies import Store, texts
+from tenancy.twilio_api import TwilioApi, TwilioApiError
 from tenancy.workspaces import CallPolicy, Workspaces, now_ms
 
 BILLING_STEP_MS = {"second": 1_000, "six_seconds": 6_000, "minute": 60_000}

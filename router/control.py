@@ -11,8 +11,8 @@ from __future__ import annotations
 from metering.metrics import Metrics
 from metering.plans import Plan
 from router import twiml
-from router.twilio_api import TwilioApi, TwilioApiError
 from tenancy.logs import CallLog
+from tenancy.twilio_api import TwilioApi, TwilioApiError
 from tenancy.workspaces import CallPolicy
 
 

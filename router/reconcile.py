@@ -14,10 +14,10 @@ import redis.asyncio as redis
 
 from metering.ledger import CallNotFoundError, CallRecord, Ledger
 from metering.metrics import Metrics
-from router.twilio_api import TwilioApi, TwilioApiError
 from tenancy import keyspace
 from tenancy.logs import metering_logger
 from tenancy.replies import Store, texts
+from tenancy.twilio_api import TwilioApi, TwilioApiError
 from tenancy.workspaces import now_ms
 
 # Above any real callback's SequenceNumber: a REST lookup is final.

@@ -2,35 +2,40 @@
 
 Twilio signs with the auth token of the account that owns the number, so the
 token is chosen by the request's account sid before anything else is trusted
-(protocols.md 1.3, 2.5 and 3). The signed URL is rebuilt from
-``CALLGATE_PUBLIC_URL``, never from the Host header, because Callgate usually
-sits behind a TLS terminator that rewrites it.
+(protocols.md 1.3, 2.5 and 3); a subaccount's token comes from the store. The
+signed URL is rebuilt from ``CALLGATE_PUBLIC_URL``, never from the Host
+header, because Callgate usually sits behind a TLS terminator that rewrites it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from twilio.request_validator import RequestValidator
 
 from tenancy.errors import SignatureError
 
+TokenLookup = Callable[[str], Awaitable[str | None]]
+
+
+def static_tokens(tokens: Mapping[str, str]) -> TokenLookup:
+    """A lookup over a fixed map of account sids to tokens."""
+
+    async def lookup(account_sid: str) -> str | None:
+        return tokens.get(account_sid)
+
+    return lookup
+
 
 class TwilioSigner:
-    """Knows each Twilio account's auth token and checks signatures with it."""
+    """Checks signatures with the token of the account a request names."""
 
-    def __init__(self, tokens: Mapping[str, str], enabled: bool = True) -> None:
-        self._validators = {
-            sid: RequestValidator(token) for sid, token in tokens.items()
-        }
+    def __init__(self, tokens: TokenLookup, enabled: bool = True) -> None:
+        self._tokens = tokens
         self.enabled = enabled
 
-    def knows(self, account_sid: str) -> bool:
-        """True if Callgate holds the auth token of ``account_sid``."""
-        return account_sid in self._validators
-
-    def verify(
+    async def verify(
         self,
         account_sid: str,
         url: str,
@@ -47,8 +52,8 @@ class TwilioSigner:
             return
         if not signature:
             raise SignatureError("missing X-Twilio-Signature")
-        validator = self._validators.get(account_sid)
-        if validator is None:
+        token = await self._tokens(account_sid)
+        if token is None:
             raise SignatureError("no auth token for this account")
-        if not validator.validate(url, params, signature):
+        if not RequestValidator(token).validate(url, params, signature):
             raise SignatureError("signature does not match")

@@ -19,7 +19,6 @@ from metering.plans import period_of
 from router import twiml
 from router.budget import BILLING_STEP_MS, budget
 from router.stream import TWILIO_API
-from router.twilio_api import TwilioApiError
 from router.webhooks import (
     METER,
     METRICS,
@@ -33,6 +32,7 @@ from tenancy import api, keyspace
 from tenancy.errors import NotFoundError, SignatureError, StoreError
 from tenancy.logs import CallLog, call_logger, router_logger
 from tenancy.problems import problem
+from tenancy.twilio_api import TwilioApiError
 from tenancy.workspaces import now_ms
 
 TERMINAL = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})

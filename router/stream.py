@@ -24,7 +24,6 @@ from metering.plans import Plan, period_of
 from router.budget import Cutoff, budget
 from router.control import TwilioCallControl
 from router.tokens import StreamClaims
-from router.twilio_api import TwilioApi
 from router.webhooks import METER, METRICS, SETTINGS, SIGNER, TOKENS
 from tenancy import api
 from tenancy.errors import (
@@ -40,7 +39,7 @@ from tenancy.workspaces import now_ms
 
 VAPI = web.AppKey("vapi", VapiClient)
 LIVE_CALLS: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("live_calls")
-TWILIO_API = web.AppKey("twilio_api", TwilioApi)
+TWILIO_API = api.TWILIO
 
 HANDSHAKE_TIMEOUT_SECS = 10.0
 # How long a hang-up waits for Twilio to answer our close frame; it bounds
@@ -64,7 +63,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return _refuse(request, "bad_token", str(exc))
     url = app[SETTINGS].stream_base_url + request.raw_path
     try:
-        app[SIGNER].verify(
+        await app[SIGNER].verify(
             claims.account_sid, url, {}, request.headers.get("X-Twilio-Signature")
         )
     except SignatureError as exc:

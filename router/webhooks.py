@@ -59,7 +59,7 @@ async def signed_form(request: web.Request, endpoint: str) -> MultiDictProxy[Any
     url = request.app[SETTINGS].public_url + request.raw_path
     account_sid = form.get("AccountSid")
     try:
-        request.app[SIGNER].verify(
+        await request.app[SIGNER].verify(
             account_sid if isinstance(account_sid, str) else "",
             url,
             form,

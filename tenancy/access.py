@@ -26,6 +26,7 @@ from tenancy.errors import (
     NotFoundError,
     NumberOwnedError,
     StoreError,
+    TwilioActionError,
 )
 from tenancy.keys import OPERATOR, Keys, Principal
 from tenancy.logs import tenancy_logger
@@ -188,6 +189,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     except (StoreError, redis.RedisError):
         tenancy_logger.error("store failed during %s", request.path, exc_info=True)
         return problem(503, "store-unavailable", "Store Unavailable")
+    except TwilioActionError as exc:
+        tenancy_logger.warning("twilio failed during %s: %s", request.path, exc)
+        return problem(502, "twilio-failed", "Bad Gateway", str(exc))
     except web.HTTPException as exc:
         return problem(exc.status, exc.reason.lower().replace(" ", "-"), exc.reason)
     except CallgateError:

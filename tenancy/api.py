@@ -24,9 +24,12 @@ from tenancy.audit import Audit
 from tenancy.errors import (
     InvalidInputError,
     NotFoundError,
+    TwilioActionError,
 )
 from tenancy.logs import tenancy_logger
 from tenancy.numbers import Number, Numbers
+from tenancy.twilio_accounts import TwilioAccounts
+from tenancy.twilio_api import TwilioApi, TwilioApiError
 from tenancy.workspaces import Agent, CallPolicy, Workspace, Workspaces, now_ms
 
 WORKSPACES = web.AppKey("workspaces", Workspaces)
@@ -34,6 +37,9 @@ NUMBERS = web.AppKey("numbers", Numbers)
 LEDGER = web.AppKey("ledger", Ledger)
 QUOTA = web.AppKey("quota", Quota)
 AUDIT = web.AppKey("audit", Audit)
+TWILIO = web.AppKey("twilio_api", TwilioApi)
+TWILIO_ACCOUNTS = web.AppKey("twilio_accounts", TwilioAccounts)
+PUBLIC_URL = web.AppKey("public_url", str)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -80,9 +86,14 @@ class PolicyFields(Body):
 
 
 class CreateWorkspace(PolicyFields):
-    """Body of ``POST /workspaces``."""
+    """Body of ``POST /workspaces``.
+
+    ``twilio_subaccount`` (default: yes when Callgate holds main-account
+    credentials) gives the workspace a Twilio subaccount of its own.
+    """
 
     name: Annotated[str, Field(min_length=1, max_length=100)]
+    twilio_subaccount: bool | None = None
 
 
 class UpdateWorkspace(PolicyFields):
@@ -131,6 +142,7 @@ def workspace_document(workspace: Workspace) -> dict[str, Any]:
         "name": workspace.name,
         "status": workspace.status,
         "created_at": iso(workspace.created_at_ms),
+        "twilio_account_sid": workspace.twilio_account_sid,
         "fallback_message": policy.fallback_message,
         "fallback_number": policy.fallback_number,
         "transfer_numbers": list(policy.transfer_numbers),
@@ -237,11 +249,27 @@ async def read_body(request: web.Request, model: type[M]) -> M:
 async def create_workspace(request: web.Request) -> web.Response:
     """``POST /workspaces``: a new, empty, active workspace."""
     body = await read_body(request, CreateWorkspace)
+    twilio = request.app[TWILIO]
+    wants_subaccount = body.twilio_subaccount
+    if wants_subaccount is None:
+        wants_subaccount = twilio.main_account_sid is not None
+    if wants_subaccount and twilio.main_account_sid is None:
+        raise InvalidInputError(
+            "no main Twilio account is configured", field="twilio_subaccount"
+        )
     workspace = await request.app[WORKSPACES].create(
         body.name, body.merged(CallPolicy())
     )
     tenancy_logger.info("created workspace %s", workspace.id)
     await audit(request, workspace.id, "workspace.create", workspace.id)
+    if wants_subaccount:
+        try:
+            sid, token = await twilio.create_subaccount(f"Callgate {workspace.id}")
+        except TwilioApiError as exc:
+            raise TwilioActionError(f"twilio refused the subaccount: {exc}") from exc
+        await request.app[TWILIO_ACCOUNTS].attach(workspace.id, sid, token)
+        await audit(request, workspace.id, "twilio.subaccount", sid)
+        workspace = await request.app[WORKSPACES].get(workspace.id)
     return json_response(workspace_document(workspace), status=201)
 
 

@@ -18,7 +18,8 @@
     ├── SealError                       a sealed credential cannot be opened
     ├── ProtocolError
     │   └── InvalidStreamMessageError   malformed Twilio Media Streams frame
-    └── UpstreamError                   an agent platform failed or refused
+    ├── UpstreamError                   an agent platform failed or refused
+    └── TwilioActionError               Twilio's API refused an operator action
 """
 
 from __future__ import annotations
@@ -98,3 +99,7 @@ class UpstreamError(CallgateError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TwilioActionError(CallgateError):
+    """An operator action needed Twilio's API, which failed or refused."""

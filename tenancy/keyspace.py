@@ -10,6 +10,8 @@ Global keys, the only ones outside a workspace:
     sorted set of workspace ids, scored by creation time in milliseconds.
 ``cg:numbers``
     hash from an E.164 number to the id of the one workspace that owns it.
+``cg:twilio_accounts``
+    hash from a Twilio subaccount sid to the workspace it was made for.
 
 Identifiers are checked before they become part of a key, so nothing read
 from the wire can reach into another workspace's namespace.
@@ -26,7 +28,8 @@ from tenancy.errors import InvalidInputError
 PREFIX = "cg"
 WORKSPACES = f"{PREFIX}:workspaces"
 NUMBERS = f"{PREFIX}:numbers"
-GLOBAL_KEYS = frozenset({WORKSPACES, NUMBERS})
+TWILIO_ACCOUNTS = f"{PREFIX}:twilio_accounts"
+GLOBAL_KEYS = frozenset({WORKSPACES, NUMBERS, TWILIO_ACCOUNTS})
 
 _ID_BODY = "[a-z2-7]{16}"
 WORKSPACE_ID = re.compile(rf"ws_{_ID_BODY}")

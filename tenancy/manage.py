@@ -17,6 +17,8 @@ from tenancy.access import KEYS, endpoint
 from tenancy.api import (
     AUDIT,
     NUMBERS,
+    PUBLIC_URL,
+    TWILIO,
     WORKSPACES,
     Body,
     agent_document,
@@ -27,8 +29,9 @@ from tenancy.api import (
     read_body,
     workspace_document,
 )
-from tenancy.errors import ConflictError, NotFoundError
+from tenancy.errors import ConflictError, NotFoundError, TwilioActionError
 from tenancy.keys import ApiKey
+from tenancy.twilio_api import TwilioApiError
 
 
 class CreateKey(Body):
@@ -50,6 +53,13 @@ class UpdateAgent(Body):
 class RouteNumber(Body):
     """Body of ``PATCH /workspaces/{id}/numbers/{number}``."""
 
+    agent_id: Annotated[str, Field(pattern=r"^ag_[a-z2-7]{16}$")]
+
+
+class BuyNumber(Body):
+    """Body of ``POST /workspaces/{id}/numbers/buy``."""
+
+    area_code: Annotated[str, Field(pattern=r"^[2-9][0-9]{2}$")]
     agent_id: Annotated[str, Field(pattern=r"^ag_[a-z2-7]{16}$")]
 
 
@@ -294,3 +304,38 @@ async def move_number(request: web.Request) -> web.Response:
     await audit(request, workspace_id, "number.move_out", e164, "to another workspace")
     await audit(request, target.id, "number.move_in", e164, "from another workspace")
     return json_response(number_document(number))
+
+
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/numbers/buy",
+    "operator",
+    "Buy a number into the workspace's Twilio subaccount and route it",
+    body=BuyNumber,
+    created=True,
+)
+async def buy_number(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/numbers/buy``: search, buy, attach."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    body = await read_body(request, BuyNumber)
+    await request.app[WORKSPACES].get_agent(workspace.id, body.agent_id)
+    account = workspace.twilio_account_sid
+    if account is None:
+        raise ConflictError("the workspace has no Twilio subaccount")
+    twilio = request.app[TWILIO]
+    base = request.app[PUBLIC_URL]
+    try:
+        choices = await twilio.available_numbers(account, body.area_code)
+        if not choices:
+            raise ConflictError(f"no numbers for sale in area code {body.area_code}")
+        bought = choices[0]
+        await twilio.buy_number(
+            account, bought, base + "/twilio/voice", base + "/twilio/status"
+        )
+    except TwilioApiError as exc:
+        raise TwilioActionError(f"twilio refused: {exc}") from exc
+    number = await request.app[NUMBERS].attach(
+        workspace.id, bought, body.agent_id, account
+    )
+    await audit(request, workspace.id, "number.buy", bought, body.agent_id)
+    return json_response(number_document(number), status=201)

@@ -36,6 +36,7 @@ _ERRORS = {
     "404": "No such resource, or one another workspace owns",
     "409": "Conflicts with the current state",
     "422": "The input is invalid; `field` names what",
+    "502": "Twilio's API failed or refused",
     "503": "The store is unavailable",
 }
 

@@ -58,6 +58,7 @@ class Workspace:
     status: Literal["active", "suspended"]
     created_at_ms: int
     policy: CallPolicy = CallPolicy()
+    twilio_account_sid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +298,7 @@ def _workspace(fields: dict[str, str]) -> Workspace:
         name=fields["name"],
         status="suspended" if status == "suspended" else "active",
         created_at_ms=int(fields["created_at_ms"]),
+        twilio_account_sid=fields.get("twilio_account_sid") or None,
         policy=CallPolicy(
             fallback_message=fields.get("fallback_message") or DEFAULT_FALLBACK_MESSAGE,
             fallback_number=fields.get("fallback_number") or None,

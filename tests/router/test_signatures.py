@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.signatures import TwilioSigner
+from router.signatures import TwilioSigner, static_tokens
 from tenancy.errors import SignatureError
 
 ACCOUNT = "AC" + "0" * 32
@@ -18,16 +18,16 @@ PARAMS = {
 }
 
 
-def test_verify_accepts_twilios_published_vector() -> None:
+async def test_verify_accepts_twilios_published_vector() -> None:
     """The twilio-python test vector validates with token 12345."""
-    TwilioSigner({ACCOUNT: "12345"}).verify(
+    await TwilioSigner(static_tokens({ACCOUNT: "12345"})).verify(
         ACCOUNT, URL, PARAMS, "RSOYDt4T1cUTdK1PDd93/VVr8B8="
     )
 
 
-def test_verify_accepts_a_websocket_upgrade_signature() -> None:
+async def test_verify_accepts_a_websocket_upgrade_signature() -> None:
     """An upgrade is signed over the wss:// URL with no parameters."""
-    TwilioSigner({ACCOUNT: "12345"}).verify(
+    await TwilioSigner(static_tokens({ACCOUNT: "12345"})).verify(
         ACCOUNT, "wss://example.com/media", {}, "7PR3qMkpDyEJtMrVOY/LDyNq8J8="
     )
 
@@ -46,14 +46,18 @@ def test_verify_accepts_a_websocket_upgrade_signature() -> None:
         ("AC" + "9" * 32, PARAMS, "RSOYDt4T1cUTdK1PDd93/VVr8B8=", "no auth token"),
     ],
 )
-def test_verify_refuses_wrong_signatures(
+async def test_verify_refuses_wrong_signatures(
     account: str, params: dict[str, str], signature: str | None, message: str
 ) -> None:
     """Missing, altered, or unknown-account signatures raise SignatureError."""
     with pytest.raises(SignatureError, match=message):
-        TwilioSigner({ACCOUNT: "12345"}).verify(account, URL, params, signature)
+        await TwilioSigner(static_tokens({ACCOUNT: "12345"})).verify(
+            account, URL, params, signature
+        )
 
 
-def test_disabled_signer_accepts_anything() -> None:
+async def test_disabled_signer_accepts_anything() -> None:
     """With signatures turned off (development only) nothing is checked."""
-    TwilioSigner({}, enabled=False).verify(ACCOUNT, URL, PARAMS, None)
+    await TwilioSigner(static_tokens({}), enabled=False).verify(
+        ACCOUNT, URL, PARAMS, None
+    )
