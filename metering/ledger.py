@@ -15,7 +15,7 @@ from redis.commands.core import AsyncScript
 
 from tenancy import keyspace
 from tenancy.errors import NotFoundError
-from tenancy.replies import HashFields, Store, text_map, text_or_none, texts
+from tenancy.replies import HashFields, Store, text, text_map, text_or_none, texts
 
 
 def month_of(epoch_ms: int) -> str:
@@ -225,17 +225,56 @@ class Ledger:
         return _record(fields)
 
     async def recent_calls(
-        self, workspace_id: str, limit: int = 50
-    ) -> list[CallRecord]:
-        """The workspace's most recent calls, newest first."""
-        sids = texts(
-            await self._store.zrevrange(keyspace.calls(workspace_id), 0, limit - 1)
-        )
-        async with self._store.pipeline(transaction=False) as pipe:
-            for call_sid in sids:
-                pipe.hgetall(keyspace.call(workspace_id, call_sid))
-            replies: list[Any] = await pipe.execute()
-        return [_record(text_map(fields)) for fields in replies if fields]
+        self,
+        workspace_id: str,
+        limit: int = 50,
+        *,
+        before_ms: int | None = None,
+        since_ms: int | None = None,
+        caller: str | None = None,
+    ) -> tuple[list[CallRecord], int | None]:
+        """Calls newest first: arrived in [``since_ms``, ``before_ms``), and from
+        ``caller`` if given; also the cursor of the next page (None at the end).
+
+        A caller filter reads further pages until it fills ``limit``, at most
+        ten pages of ``limit`` calls, so an unlikely caller cannot make one
+        request scan a whole history.
+        """
+        upper = f"({before_ms}" if before_ms is not None else "+inf"
+        lower = since_ms if since_ms is not None else "-inf"
+        found: list[CallRecord] = []
+        cursor: int | None = None
+        for _ in range(10 if caller else 1):
+            page = await self._store.zrevrangebyscore(
+                keyspace.calls(workspace_id),
+                upper,
+                lower,
+                start=0,
+                num=limit,
+                withscores=True,
+            )
+            pairs = [(text(item[0]), int(item[1])) for item in page or []]
+            if not pairs:
+                return found, None
+            async with self._store.pipeline(transaction=False) as pipe:
+                for call_sid, _ in pairs:
+                    pipe.hgetall(keyspace.call(workspace_id, call_sid))
+                replies: list[Any] = await pipe.execute()
+            for (_, arrived), fields in zip(pairs, replies, strict=True):
+                if len(found) == limit:
+                    return found, cursor
+                cursor = arrived
+                if not fields:
+                    continue
+                record = _record(text_map(fields))
+                if caller is None or record.from_number == caller:
+                    found.append(record)
+            if len(pairs) < limit:
+                return found, None
+            upper = f"({cursor}"
+            if len(found) == limit:
+                break
+        return found, cursor
 
     async def usage(self, workspace_id: str, period: str) -> Usage:
         """Usage for a month (``YYYY-MM``) or a day (``YYYY-MM-DD``)."""

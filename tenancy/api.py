@@ -462,17 +462,57 @@ async def get_usage(request: web.Request) -> web.Response:
     "GET",
     "/workspaces/{workspace_id}/calls",
     "viewer",
-    "List calls, newest first",
-    query=(("limit", "how many, 1 to 500 (default 50)"),),
+    "List calls, newest first, a page at a time",
+    query=(
+        ("limit", "how many, 1 to 500 (default 50)"),
+        ("cursor", "next_cursor of the previous page"),
+        ("since", "only calls that arrived at or after this ISO 8601 time"),
+        ("until", "only calls that arrived before this ISO 8601 time"),
+        ("caller", "only calls from this E.164 number"),
+    ),
 )
 async def list_calls(request: web.Request) -> web.Response:
-    """``GET /workspaces/{workspace_id}/calls?limit=N``: newest first."""
+    """``GET /workspaces/{workspace_id}/calls``: paged, filtered by time and caller."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
-    raw_limit = request.query.get("limit", "50")
+    query = request.query
+    raw_limit = query.get("limit", "50")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
         raise InvalidInputError("limit must be an integer from 1 to 500", "limit")
-    records = await request.app[LEDGER].recent_calls(workspace.id, int(raw_limit))
-    return json_response({"items": [call_document(record) for record in records]})
+    before = _instant(query.get("until"), "until")
+    cursor = query.get("cursor")
+    if cursor is not None:
+        if not cursor.isdigit():
+            raise InvalidInputError("cursor is not one this API gave", "cursor")
+        before = int(cursor) if before is None else min(before, int(cursor))
+    caller = query.get("caller")
+    if caller is not None and not keyspace.E164.fullmatch(caller):
+        raise InvalidInputError("caller must be an E.164 number", "caller")
+    records, next_cursor = await request.app[LEDGER].recent_calls(
+        workspace.id,
+        int(raw_limit),
+        before_ms=before,
+        since_ms=_instant(query.get("since"), "since"),
+        caller=caller,
+    )
+    return json_response(
+        {
+            "items": [call_document(record) for record in records],
+            "next_cursor": None if next_cursor is None else str(next_cursor),
+        }
+    )
+
+
+def _instant(value: str | None, field: str) -> int | None:
+    """An ISO 8601 instant as epoch milliseconds (naive times are UTC)."""
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInputError("not an ISO 8601 time", field) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp() * 1000)
 
 
 @endpoint(

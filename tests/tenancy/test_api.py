@@ -124,3 +124,34 @@ async def test_provider_keys_are_never_returned_or_stored_in_clear(
         else:
             continue
         assert tenant.api_key not in values, key
+
+
+async def test_calls_are_paged_and_filtered_by_time_and_caller(
+    callgate: Harness,
+) -> None:
+    """Calls come a page at a time, newest first, and filter by caller and time."""
+    tenant = await callgate.tenant("alpha", "+15005550001")
+    sids = []
+    for index in range(5):
+        caller = "+14155550001" if index % 2 == 0 else "+14155550002"
+        call = await callgate.place("+15005550001", caller)
+        sids.append(call.sid)
+    base = f"/workspaces/{tenant.workspace_id}/calls"
+    status, first = await callgate.api("GET", f"{base}?limit=2")
+    assert [c["call_sid"] for c in first["items"]] == sids[::-1][:2]
+    status, second = await callgate.api(
+        "GET", f"{base}?limit=2&cursor={first['next_cursor']}"
+    )
+    assert [c["call_sid"] for c in second["items"]] == sids[::-1][2:4]
+    status, last = await callgate.api(
+        "GET", f"{base}?limit=2&cursor={second['next_cursor']}"
+    )
+    assert [c["call_sid"] for c in last["items"]] == sids[:1]
+    assert last["next_cursor"] is None
+    status, theirs = await callgate.api("GET", f"{base}?caller=%2B14155550002")
+    assert [c["call_sid"] for c in theirs["items"]] == [sids[3], sids[1]]
+    status, later = await callgate.api("GET", f"{base}?since=2999-01-01T00:00:00Z")
+    assert later["items"] == []
+    for bad, field in (("until=yesterday", "until"), ("caller=555", "caller")):
+        status, problem = await callgate.api("GET", f"{base}?{bad}")
+        assert (status, problem["field"]) == (422, field)
