@@ -1,20 +1,53 @@
-"""The ``callgate`` command: ``callgate serve`` runs the server."""
+"""The ``callgate`` command: ``callgate serve`` runs the server, the rest drive its API.
+
+Every operator subcommand is one request of the operator API under ``/api/v1``
+(see router.operator_client), printed as a table, or with ``--json`` exactly
+as the server sent it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import uvloop
 from aiohttp import web
 
 from router.app import create_app, runner, shut_down
+from router.operator_client import (
+    AGENT_COLUMNS,
+    CALL_COLUMNS,
+    KEY_COLUMNS,
+    NUMBER_COLUMNS,
+    WORKSPACE_COLUMNS,
+    OperatorClientError,
+    Render,
+    Reply,
+    Request,
+    api_path,
+    connection,
+    new_key,
+    record,
+    row,
+    rows,
+    send,
+    usage,
+)
 from router.settings import Settings, load
 from tenancy import logs
 from tenancy.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    Commands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
+Build = Callable[[argparse.Namespace], Request]
 
 
 async def serve(settings: Settings) -> None:
@@ -42,13 +75,14 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``callgate`` console script."""
-    parser = argparse.ArgumentParser(
-        prog="callgate", description="Call router and metering proxy."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the server (settings from CALLGATE_*)")
-    parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.command == "serve":
+        return run_server()
+    return run_operator_command(args)
 
+
+def run_server() -> int:
+    """``callgate serve``: settings from CALLGATE_*, then serve until signalled."""
     try:
         settings = load()
     except ConfigError as exc:
@@ -75,6 +109,335 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"callgate: cannot serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_operator_command(args: argparse.Namespace) -> int:
+    """Send the subcommand's request and print the answer; 1 when it fails.
+
+    Exits 2, like a usage error, when there is no operator key to send.
+    """
+    try:
+        target = connection(args.url, args.key, os.environ)
+    except OperatorClientError as exc:
+        print(f"callgate: {exc}", file=sys.stderr)
+        return 2
+    build: Build = args.build
+    try:
+        reply = asyncio.run(send(target, build(args)))
+    except OperatorClientError as exc:
+        print(f"callgate: {exc}", file=sys.stderr)
+        return 1
+
+    output = shown(args, reply)
+    if output:
+        print(output)
+    return 0
+
+
+def shown(args: argparse.Namespace, reply: Reply) -> str:
+    """What to print of a successful answer: its JSON, or the subcommand's view."""
+    if args.json:
+        return reply.text
+    document = reply.document
+    if document is None:
+        # 204 No Content: the server says nothing, so say that it worked.
+        return f"{args.command} {args.action}: done"
+    render: Render = args.render
+    return render(document)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``callgate`` argument parser, every subcommand included."""
+    top = argparse.ArgumentParser(
+        prog="callgate", description="Call router and metering proxy."
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the server (settings from CALLGATE_*)")
+    common = connection_options()
+    add_workspace_commands(commands, common)
+    add_agent_commands(commands, common)
+    add_number_commands(commands, common)
+    add_plan_commands(commands, common)
+    add_key_commands(commands, common)
+
+    usage_command = leaf(commands, "usage", "metered time of a period", common)
+    usage_command.add_argument(
+        "--period", metavar="PERIOD", help="YYYY-MM or YYYY-MM-DD (default: this month)"
+    )
+    usage_command.set_defaults(build=usage_request, render=usage)
+
+    calls = leaf(commands, "calls", "call records, newest first", common)
+    calls.add_argument(
+        "--limit", type=int, metavar="N", help="how many, 1 to 500 (default 50)"
+    )
+    calls.set_defaults(build=calls_request, render=rows(CALL_COLUMNS))
+    return top
+
+
+def connection_options() -> argparse.ArgumentParser:
+    """Options every operator subcommand takes, after its own arguments."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--url", help="the server (default: CALLGATE_URL, else http://127.0.0.1:8080)"
+    )
+    # No default shown: the help text must never print the key.
+    options.add_argument(
+        "--key",
+        help="operator key (default: CALLGATE_OPERATOR_KEY, else operator_key in "
+        "CALLGATE_DATA_DIR or .data); prefer those, as arguments show in ps",
+    )
+    options.add_argument(
+        "--json", action="store_true", help="print the API's JSON as it came"
+    )
+    return options
+
+
+def group(commands: Commands, name: str, summary: str) -> Commands:
+    """A subcommand that only holds subcommands, like ``workspace``."""
+    holder = commands.add_parser(name, help=summary, description=summary)
+    return holder.add_subparsers(dest="action", required=True)
+
+
+def leaf(
+    commands: Commands,
+    name: str,
+    summary: str,
+    common: argparse.ArgumentParser,
+    workspace: str | None = "workspace",
+) -> argparse.ArgumentParser:
+    """A subcommand that sends one request, about the workspace named first.
+
+    ``workspace`` is how usage shows that first argument; None leaves it out.
+    """
+    command = commands.add_parser(
+        name, help=summary, description=summary, parents=[common]
+    )
+    if workspace is not None:
+        command.add_argument("workspace", metavar=workspace)
+    return command
+
+
+def add_workspace_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """``callgate workspace create|list|show|suspend|resume``."""
+    workspace = group(commands, "workspace", "create, list and suspend workspaces")
+
+    create = leaf(workspace, "create", "create a workspace", common, None)
+    create.add_argument("name")
+    create.set_defaults(
+        build=lambda args: Request("POST", "/workspaces", {"name": args.name}),
+        render=row(WORKSPACE_COLUMNS),
+    )
+
+    listing = leaf(workspace, "list", "list every workspace", common, None)
+    listing.set_defaults(
+        build=lambda _args: Request("GET", "/workspaces"),
+        render=rows(WORKSPACE_COLUMNS),
+    )
+
+    show = leaf(workspace, "show", "show a workspace and its call policy", common, "id")
+    show.set_defaults(
+        build=lambda args: Request("GET", workspace_path(args)),
+        render=record,
+    )
+
+    for action, summary in (
+        ("suspend", "suspend a workspace: its numbers refuse calls"),
+        ("resume", "resume a suspended workspace"),
+    ):
+        status = leaf(workspace, action, summary, common, "id")
+        status.set_defaults(build=status_request, render=row(WORKSPACE_COLUMNS))
+
+
+def workspace_path(args: argparse.Namespace, *segments: str) -> str:
+    """The path of the subcommand's workspace, or of ``segments`` below it."""
+    return api_path("workspaces", args.workspace, *segments)
+
+
+def status_request(args: argparse.Namespace) -> Request:
+    """``POST /workspaces/{id}/suspend`` or ``.../resume``."""
+    return Request("POST", workspace_path(args, args.action))
+
+
+def add_agent_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """``callgate agent add|list``."""
+    agent = group(commands, "agent", "add and list a workspace's agents")
+
+    add = leaf(agent, "add", "add an agent on Vapi or Retell", common)
+    add.add_argument("--name", required=True)
+    add.add_argument("--provider", required=True, choices=("vapi", "retell"))
+    add.add_argument(
+        "--assistant-id", required=True, help="the platform's assistant or agent id"
+    )
+    add.add_argument(
+        "--api-key", required=True, help="the workspace's own key on the platform"
+    )
+    add.add_argument("--audio-format", choices=("mulaw", "pcm16"))
+    add.set_defaults(build=agent_request, render=row(AGENT_COLUMNS))
+
+    listing = leaf(agent, "list", "list a workspace's agents", common)
+    listing.set_defaults(
+        build=lambda args: Request("GET", workspace_path(args, "agents")),
+        render=rows(AGENT_COLUMNS),
+    )
+
+
+def agent_request(args: argparse.Namespace) -> Request:
+    """``POST /workspaces/{id}/agents``; the server picks the default audio format."""
+    body = {
+        "name": args.name,
+        "provider": args.provider,
+        "assistant_id": args.assistant_id,
+        "api_key": args.api_key,
+    }
+    if args.audio_format is not None:
+        body["audio_format"] = args.audio_format
+    return Request("POST", workspace_path(args, "agents"), body)
+
+
+def add_number_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """``callgate number add|list|move|remove``."""
+    number = group(commands, "number", "attach, list, move and remove numbers")
+
+    add = leaf(number, "add", "attach an E.164 number to an agent", common)
+    add.add_argument("number")
+    add.add_argument("--agent", required=True, metavar="AGENT", help="the agent's id")
+    add.set_defaults(
+        build=lambda args: Request(
+            "POST",
+            workspace_path(args, "numbers"),
+            {"number": args.number, "agent_id": args.agent},
+        ),
+        render=row(NUMBER_COLUMNS),
+    )
+
+    listing = leaf(number, "list", "list a workspace's numbers", common)
+    listing.set_defaults(
+        build=lambda args: Request("GET", workspace_path(args, "numbers")),
+        render=rows(NUMBER_COLUMNS),
+    )
+
+    move = leaf(number, "move", "move a number to another workspace", common)
+    move.add_argument("number")
+    move.add_argument(
+        "--to", required=True, metavar="WORKSPACE", help="the workspace to move it to"
+    )
+    move.add_argument(
+        "--agent", required=True, metavar="AGENT", help="its agent in that workspace"
+    )
+    move.set_defaults(
+        build=lambda args: Request(
+            "POST",
+            workspace_path(args, "numbers", args.number, "move"),
+            {"workspace_id": args.to, "agent_id": args.agent},
+        ),
+        render=row(NUMBER_COLUMNS),
+    )
+
+    remove = leaf(number, "remove", "detach a number from its workspace", common)
+    remove.add_argument("number")
+    remove.set_defaults(
+        build=lambda args: Request(
+            "DELETE", workspace_path(args, "numbers", args.number)
+        ),
+        render=None,
+    )
+
+
+def add_plan_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """``callgate plan set|show``."""
+    plan = group(commands, "plan", "set and show a workspace's plan")
+
+    put = leaf(
+        plan,
+        "set",
+        "replace a workspace's plan; options left out take the plan's defaults",
+        common,
+    )
+    put.add_argument("--included-minutes", type=int, required=True, metavar="N")
+    put.add_argument("--overage", choices=("none", "minutes", "money"))
+    put.add_argument(
+        "--overage-limit",
+        type=int,
+        metavar="N",
+        help="minutes, or micro-units for money overage",
+    )
+    put.add_argument(
+        "--overage-price-micros",
+        type=int,
+        metavar="N",
+        help="price of an overage minute",
+    )
+    put.add_argument(
+        "--max-concurrent", type=int, metavar="N", help="calls in progress at once"
+    )
+    put.add_argument(
+        "--timezone", metavar="TZ", help="IANA name; periods are its calendar months"
+    )
+    put.add_argument("--billing-increment", choices=("second", "six_seconds", "minute"))
+    put.set_defaults(build=plan_request, render=record)
+
+    show = leaf(plan, "show", "show a workspace's plan", common)
+    show.set_defaults(
+        build=lambda args: Request("GET", workspace_path(args, "plan")),
+        render=record,
+    )
+
+
+def plan_request(args: argparse.Namespace) -> Request:
+    """``PUT /workspaces/{id}/plan`` with only the fields given on the command line."""
+    given = {
+        "included_minutes": args.included_minutes,
+        "overage": args.overage,
+        "overage_limit": args.overage_limit,
+        "overage_price_micros_per_minute": args.overage_price_micros,
+        "max_concurrent_calls": args.max_concurrent,
+        "timezone": args.timezone,
+        "billing_increment": args.billing_increment,
+    }
+    body = {name: value for name, value in given.items() if value is not None}
+    return Request("PUT", workspace_path(args, "plan"), body)
+
+
+def add_key_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """``callgate keys create|list|revoke``."""
+    keys = group(commands, "keys", "create, list and revoke workspace keys")
+
+    create = leaf(keys, "create", "create a key; its token is shown once", common)
+    create.add_argument("--role", required=True, choices=("admin", "viewer"))
+    create.add_argument("--name", required=True)
+    create.set_defaults(
+        build=lambda args: Request(
+            "POST",
+            workspace_path(args, "keys"),
+            {"role": args.role, "name": args.name},
+        ),
+        render=new_key,
+    )
+
+    listing = leaf(keys, "list", "list a workspace's keys (never their tokens)", common)
+    listing.set_defaults(
+        build=lambda args: Request("GET", workspace_path(args, "keys")),
+        render=rows(KEY_COLUMNS),
+    )
+
+    revoke = leaf(keys, "revoke", "revoke a key at once", common)
+    revoke.add_argument("key_id")
+    revoke.set_defaults(
+        build=lambda args: Request("DELETE", workspace_path(args, "keys", args.key_id)),
+        render=row(KEY_COLUMNS),
+    )
+
+
+def usage_request(args: argparse.Namespace) -> Request:
+    """``GET /workspaces/{id}/usage``, for this month unless ``--period`` says."""
+    query = {"period": args.period} if args.period else None
+    return Request("GET", workspace_path(args, "usage"), query=query)
+
+
+def calls_request(args: argparse.Namespace) -> Request:
+    """``GET /workspaces/{id}/calls``, the server's default count unless ``--limit``."""
+    query = {"limit": str(args.limit)} if args.limit is not None else None
+    return Request("GET", workspace_path(args, "calls"), query=query)
 
 
 if __name__ == "__main__":
