@@ -102,7 +102,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[api.PUBLIC_URL] = settings.public_url
     app[access.OPERATOR_KEY] = settings.operator_key
     app[access.KEYS] = Keys(store, settings.secret_key)
-    app[api.AUDIT] = Audit(store)
+    app[access.AUDIT] = Audit(store)
     app[api.WORKSPACES] = workspaces
     app[api.NUMBERS] = numbers
     app[api.LEDGER] = ledger

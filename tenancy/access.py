@@ -19,6 +19,8 @@ from typing import Any, Literal
 import redis.asyncio as redis
 from aiohttp import web
 
+from tenancy import keyspace
+from tenancy.audit import Audit
 from tenancy.errors import (
     CallgateError,
     ConflictError,
@@ -38,6 +40,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPERATOR_KEY = web.AppKey("operator_key", str)
 KEYS = web.AppKey("keys", Keys)
+AUDIT = web.AppKey("audit", Audit)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
@@ -149,9 +152,33 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         )
     request[PRINCIPAL] = caller
     refusal = _refusal(request, caller, access)
-    if refusal is not None:
-        return refusal
-    return await _guarded(request, handler)
+    response = refusal or await _guarded(request, handler)
+    await _attribute(request, caller, response.status)
+    return response
+
+
+async def _attribute(request: web.Request, caller: Principal, status: int) -> None:
+    """Log the request in the audit log of the workspace it concerns.
+
+    A key's requests go to its own workspace's log, refused ones included, so
+    every use of a key is attributable; the route's template is logged, never
+    the ids in the path, so no other workspace's id lands in this log.
+    """
+    workspace_id = caller.workspace_id or request.match_info.get("workspace_id")
+    if workspace_id is None or not keyspace.WORKSPACE_ID.fullmatch(workspace_id):
+        return
+    route = request.match_info.route.resource
+    template = route.canonical if route is not None else "unmatched"
+    try:
+        await request.app[AUDIT].record(
+            workspace_id,
+            caller,
+            "api.request",
+            f"{request.method} {template}",
+            str(status),
+        )
+    except (StoreError, redis.RedisError):
+        tenancy_logger.warning("could not log a request in the audit log")
 
 
 def _refusal(

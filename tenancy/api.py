@@ -19,8 +19,7 @@ from metering.ledger import CallRecord, Ledger, Usage
 from metering.plans import Plan, hard_cap_ms, period_of, statement
 from metering.quota import Quota
 from tenancy import keyspace
-from tenancy.access import endpoint, principal
-from tenancy.audit import Audit
+from tenancy.access import AUDIT, endpoint, principal
 from tenancy.errors import (
     InvalidInputError,
     NotFoundError,
@@ -36,7 +35,6 @@ WORKSPACES = web.AppKey("workspaces", Workspaces)
 NUMBERS = web.AppKey("numbers", Numbers)
 LEDGER = web.AppKey("ledger", Ledger)
 QUOTA = web.AppKey("quota", Quota)
-AUDIT = web.AppKey("audit", Audit)
 TWILIO = web.AppKey("twilio_api", TwilioApi)
 TWILIO_ACCOUNTS = web.AppKey("twilio_accounts", TwilioAccounts)
 PUBLIC_URL = web.AppKey("public_url", str)

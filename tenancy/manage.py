@@ -13,9 +13,8 @@ from aiohttp import web
 from pydantic import Field
 
 from tenancy import keyspace
-from tenancy.access import KEYS, endpoint
+from tenancy.access import AUDIT, KEYS, endpoint
 from tenancy.api import (
-    AUDIT,
     NUMBERS,
     PUBLIC_URL,
     TWILIO,

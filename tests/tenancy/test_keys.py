@@ -110,9 +110,33 @@ async def test_audit_log_attributes_every_change(callgate: Harness) -> None:
     status, log = await callgate.api("GET", f"{base}/audit")
     assert status == 200
     actions = [(entry["actor"], entry["action"]) for entry in log["items"]]
-    assert actions[0] == (f"key:{admin['id']}", "workspace.update")
+    assert (f"key:{admin['id']}", "workspace.update") in actions
     assert ("operator", "key.create") in actions
     assert ("operator", "agent.create") in actions
     assert ("operator", "number.attach") in actions
     assert tenant.api_key not in str(log)
     assert admin["token"] not in str(log)
+
+
+async def test_every_use_of_a_key_is_in_its_workspaces_log(callgate: Harness) -> None:
+    """Reads and refusals by a key are logged in its own workspace, ids left out."""
+    alpha = await callgate.tenant("alpha", NUMBER)
+    bravo = await callgate.tenant("bravo", "+15005550002")
+    viewer = await _key(callgate, bravo.workspace_id, "viewer")
+    await callgate.api(
+        "GET", f"/workspaces/{bravo.workspace_id}/usage", key=viewer["token"]
+    )
+    await callgate.api(
+        "GET", f"/workspaces/{alpha.workspace_id}/calls", key=viewer["token"]
+    )
+    status, log = await callgate.api("GET", f"/workspaces/{bravo.workspace_id}/audit")
+    assert status == 200
+    uses = [
+        (entry["target"], entry["detail"])
+        for entry in log["items"]
+        if entry["actor"] == f"key:{viewer['id']}"
+    ]
+    assert ("GET /api/v1/workspaces/{workspace_id}/usage", "200") in uses
+    assert ("GET /api/v1/workspaces/{workspace_id}/calls", "404") in uses
+    _, theirs = await callgate.api("GET", f"/workspaces/{alpha.workspace_id}/audit")
+    assert all(entry["actor"] != f"key:{viewer['id']}" for entry in theirs["items"])
