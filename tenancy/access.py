@@ -57,6 +57,7 @@ class Endpoint:
     created: bool = False
     empty: bool = False
     query: tuple[tuple[str, str], ...] = ()
+    response: type[Any] | None = None
 
     @property
     def success(self) -> int:
@@ -76,11 +77,13 @@ def endpoint(
     created: bool = False,
     empty: bool = False,
     query: tuple[tuple[str, str], ...] = (),
+    response: type[Any] | None = None,
 ) -> Callable[[Handler], Handler]:
     """Declare a handler as the endpoint ``method`` ``path`` (under /api/v1).
 
     ``body`` is the request model (pydantic, or a dataclass pydantic can
-    describe); ``query`` lists (name, description) of optional parameters.
+    describe), ``response`` the model of a successful answer; ``query`` lists
+    (name, description) of optional parameters.
     """
 
     def register(handler: Handler) -> Handler:
@@ -95,6 +98,7 @@ def endpoint(
                 created,
                 empty,
                 query,
+                response,
             )
         )
         return handler

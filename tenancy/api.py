@@ -27,6 +27,18 @@ from tenancy.errors import (
 )
 from tenancy.logs import tenancy_logger
 from tenancy.numbers import Number, Numbers
+from tenancy.schemas import (
+    AgentList,
+    AgentOut,
+    CallList,
+    CallOut,
+    NumberList,
+    NumberOut,
+    PlanOut,
+    UsageOut,
+    WorkspaceList,
+    WorkspaceOut,
+)
 from tenancy.twilio_accounts import TwilioAccounts
 from tenancy.twilio_api import TwilioApi, TwilioApiError
 from tenancy.workspaces import Agent, CallPolicy, Workspace, Workspaces, now_ms
@@ -243,6 +255,7 @@ async def read_body(request: web.Request, model: type[M]) -> M:
     "Create a workspace",
     body=CreateWorkspace,
     created=True,
+    response=WorkspaceOut,
 )
 async def create_workspace(request: web.Request) -> web.Response:
     """``POST /workspaces``: a new, empty, active workspace."""
@@ -272,7 +285,11 @@ async def create_workspace(request: web.Request) -> web.Response:
 
 
 @endpoint(
-    "GET", "/workspaces", "viewer", "List workspaces (a workspace key sees its own)"
+    "GET",
+    "/workspaces",
+    "viewer",
+    "List workspaces (a workspace key sees its own)",
+    response=WorkspaceList,
 )
 async def list_workspaces(request: web.Request) -> web.Response:
     """``GET /workspaces``: every workspace, oldest first."""
@@ -283,7 +300,13 @@ async def list_workspaces(request: web.Request) -> web.Response:
     return json_response({"items": [workspace_document(w) for w in workspaces]})
 
 
-@endpoint("GET", "/workspaces/{workspace_id}", "viewer", "Read a workspace")
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}",
+    "viewer",
+    "Read a workspace",
+    response=WorkspaceOut,
+)
 async def get_workspace(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}``."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
@@ -296,6 +319,7 @@ async def get_workspace(request: web.Request) -> web.Response:
     "admin",
     "Rename a workspace or change its call policy",
     body=UpdateWorkspace,
+    response=WorkspaceOut,
 )
 async def update_workspace(request: web.Request) -> web.Response:
     """``PATCH /workspaces/{workspace_id}``: rename, or change the call policy."""
@@ -317,6 +341,7 @@ async def update_workspace(request: web.Request) -> web.Response:
     "operator",
     "Set the workspace's plan",
     body=Plan,
+    response=PlanOut,
 )
 async def put_plan(request: web.Request) -> web.Response:
     """``PUT /workspaces/{workspace_id}/plan``: set the workspace's plan."""
@@ -347,7 +372,11 @@ async def put_plan(request: web.Request) -> web.Response:
 
 
 @endpoint(
-    "GET", "/workspaces/{workspace_id}/plan", "admin", "Read the workspace's plan"
+    "GET",
+    "/workspaces/{workspace_id}/plan",
+    "admin",
+    "Read the workspace's plan",
+    response=PlanOut,
 )
 async def get_plan(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/plan``: 404 when no budget is enforced."""
@@ -370,6 +399,7 @@ def plan_document(plan: Plan) -> dict[str, Any]:
     "Create an agent",
     body=CreateAgent,
     created=True,
+    response=AgentOut,
 )
 async def create_agent(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/agents``; the API key is never returned."""
@@ -388,7 +418,13 @@ async def create_agent(request: web.Request) -> web.Response:
     return json_response(agent_document(agent), status=201)
 
 
-@endpoint("GET", "/workspaces/{workspace_id}/agents", "admin", "List agents")
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}/agents",
+    "admin",
+    "List agents",
+    response=AgentList,
+)
 async def list_agents(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/agents``."""
     agents = await request.app[WORKSPACES].list_agents(
@@ -404,6 +440,7 @@ async def list_agents(request: web.Request) -> web.Response:
     "Attach a number to an agent",
     body=AttachNumber,
     created=True,
+    response=NumberOut,
 )
 async def attach_number(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/numbers``: claim and route a number."""
@@ -417,7 +454,13 @@ async def attach_number(request: web.Request) -> web.Response:
     return json_response(number_document(number), status=201)
 
 
-@endpoint("GET", "/workspaces/{workspace_id}/numbers", "admin", "List numbers")
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}/numbers",
+    "admin",
+    "List numbers",
+    response=NumberList,
+)
 async def list_numbers(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/numbers``."""
     numbers = await request.app[NUMBERS].of_workspace(
@@ -432,6 +475,7 @@ async def list_numbers(request: web.Request) -> web.Response:
     "viewer",
     "Usage and statement for a period",
     query=(("period", "YYYY-MM or YYYY-MM-DD, in the plan's time zone"),),
+    response=UsageOut,
 )
 async def get_usage(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/usage?period=YYYY-MM[-DD]``.
@@ -468,6 +512,7 @@ async def get_usage(request: web.Request) -> web.Response:
         ("until", "only calls that arrived before this ISO 8601 time"),
         ("caller", "only calls from this E.164 number"),
     ),
+    response=CallList,
 )
 async def list_calls(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/calls``: paged, filtered by time and caller."""
@@ -514,7 +559,11 @@ def _instant(value: str | None, field: str) -> int | None:
 
 
 @endpoint(
-    "GET", "/workspaces/{workspace_id}/calls/{call_sid}", "viewer", "Read a call record"
+    "GET",
+    "/workspaces/{workspace_id}/calls/{call_sid}",
+    "viewer",
+    "Read a call record",
+    response=CallOut,
 )
 async def get_call(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/calls/{call_sid}``."""

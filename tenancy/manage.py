@@ -30,6 +30,15 @@ from tenancy.api import (
 )
 from tenancy.errors import ConflictError, NotFoundError, TwilioActionError
 from tenancy.keys import ApiKey
+from tenancy.schemas import (
+    AgentOut,
+    AuditList,
+    KeyCreated,
+    KeyList,
+    KeyOut,
+    NumberOut,
+    WorkspaceOut,
+)
 from tenancy.twilio_api import TwilioApiError
 
 
@@ -88,6 +97,7 @@ def _key(key: ApiKey) -> dict[str, Any]:
     "Create a workspace key; its token is shown only in this answer",
     body=CreateKey,
     created=True,
+    response=KeyCreated,
 )
 async def create_key(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/keys``."""
@@ -98,7 +108,13 @@ async def create_key(request: web.Request) -> web.Response:
     return json_response({**_key(key), "token": token}, status=201)
 
 
-@endpoint("GET", "/workspaces/{workspace_id}/keys", "admin", "List workspace keys")
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}/keys",
+    "admin",
+    "List workspace keys",
+    response=KeyList,
+)
 async def list_keys(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/keys``: never the tokens."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
@@ -106,7 +122,13 @@ async def list_keys(request: web.Request) -> web.Response:
     return json_response({"items": [_key(key) for key in keys]})
 
 
-@endpoint("DELETE", "/workspaces/{workspace_id}/keys/{key_id}", "admin", "Revoke a key")
+@endpoint(
+    "DELETE",
+    "/workspaces/{workspace_id}/keys/{key_id}",
+    "admin",
+    "Revoke a key",
+    response=KeyOut,
+)
 async def revoke_key(request: web.Request) -> web.Response:
     """``DELETE /workspaces/{workspace_id}/keys/{key_id}``: revoked at once."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
@@ -123,6 +145,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     "admin",
     "Replace a key with a new token of the same role",
     created=True,
+    response=KeyCreated,
 )
 async def rotate_key(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/keys/{key_id}/rotate``."""
@@ -137,7 +160,13 @@ async def rotate_key(request: web.Request) -> web.Response:
     return json_response({**_key(key), "token": token}, status=201)
 
 
-@endpoint("GET", "/workspaces/{workspace_id}/audit", "admin", "Read the audit log")
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}/audit",
+    "admin",
+    "Read the audit log",
+    response=AuditList,
+)
 async def read_audit(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/audit``: newest first."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
@@ -159,14 +188,24 @@ async def read_audit(request: web.Request) -> web.Response:
 
 
 @endpoint(
-    "POST", "/workspaces/{workspace_id}/suspend", "operator", "Suspend a workspace"
+    "POST",
+    "/workspaces/{workspace_id}/suspend",
+    "operator",
+    "Suspend a workspace",
+    response=WorkspaceOut,
 )
 async def suspend(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/suspend``: its numbers refuse calls."""
     return await _set_status(request, "suspended")
 
 
-@endpoint("POST", "/workspaces/{workspace_id}/resume", "operator", "Resume a workspace")
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/resume",
+    "operator",
+    "Resume a workspace",
+    response=WorkspaceOut,
+)
 async def resume(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/resume``."""
     return await _set_status(request, "active")
@@ -182,7 +221,11 @@ async def _set_status(
 
 
 @endpoint(
-    "GET", "/workspaces/{workspace_id}/agents/{agent_id}", "admin", "Read an agent"
+    "GET",
+    "/workspaces/{workspace_id}/agents/{agent_id}",
+    "admin",
+    "Read an agent",
+    response=AgentOut,
 )
 async def get_agent(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/agents/{agent_id}``."""
@@ -198,6 +241,7 @@ async def get_agent(request: web.Request) -> web.Response:
     "admin",
     "Change an agent (a new API key is write-only)",
     body=UpdateAgent,
+    response=AgentOut,
 )
 async def update_agent(request: web.Request) -> web.Response:
     """``PATCH /workspaces/{workspace_id}/agents/{agent_id}``."""
@@ -249,6 +293,7 @@ def _e164(request: web.Request) -> str:
     "admin",
     "Route a number to another of the workspace's agents",
     body=RouteNumber,
+    response=NumberOut,
 )
 async def route_number(request: web.Request) -> web.Response:
     """``PATCH /workspaces/{workspace_id}/numbers/{number}``."""
@@ -288,6 +333,7 @@ async def detach_number(request: web.Request) -> web.Response:
     "operator",
     "Move a number to another workspace",
     body=MoveNumber,
+    response=NumberOut,
 )
 async def move_number(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/numbers/{number}/move``: operator only."""
@@ -312,6 +358,7 @@ async def move_number(request: web.Request) -> web.Response:
     "Buy a number into the workspace's Twilio subaccount and route it",
     body=BuyNumber,
     created=True,
+    response=NumberOut,
 )
 async def buy_number(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/numbers/buy``: search, buy, attach."""

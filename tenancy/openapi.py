@@ -55,7 +55,10 @@ def _operation(declared: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
     }
     success: dict[str, Any] = {"description": "Success"}
     if not declared.empty:
-        success["content"] = {"application/json": {"schema": {"type": "object"}}}
+        shape: dict[str, Any] = {"type": "object"}
+        if declared.response is not None:
+            shape = _schema_of(declared.response, schemas)
+        success["content"] = {"application/json": {"schema": shape}}
     operation: dict[str, Any] = {
         "operationId": declared.handler.__name__,
         "summary": declared.summary,

@@ -1,0 +1,199 @@
+"""The shapes of the operator API's answers, declared once for the OpenAPI document.
+
+Each endpoint names the model of its successful answer; schemathesis then
+checks every answer the server gives against it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+Stamp = str | None
+
+
+class WorkspaceOut(BaseModel):
+    """A workspace and its call policy."""
+
+    id: str
+    name: str
+    status: Literal["active", "suspended"]
+    created_at: str
+    twilio_account_sid: str | None
+    fallback_message: str
+    fallback_number: str | None
+    transfer_numbers: list[str]
+    recording: bool
+    outage: Literal["continue", "terminate"]
+    emergency_grant_ms: int
+
+
+class WorkspaceList(BaseModel):
+    """Workspaces, oldest first."""
+
+    items: list[WorkspaceOut]
+
+
+class AgentOut(BaseModel):
+    """An agent; its API key is never returned."""
+
+    id: str
+    workspace_id: str
+    name: str
+    provider: Literal["vapi", "retell"]
+    assistant_id: str
+    audio_format: Literal["mulaw", "pcm16"]
+    created_at: str
+
+
+class AgentList(BaseModel):
+    """Agents, oldest first."""
+
+    items: list[AgentOut]
+
+
+class NumberOut(BaseModel):
+    """A number the workspace owns and the agent it routes to."""
+
+    number: str
+    workspace_id: str
+    agent_id: str
+    twilio_account_sid: str | None
+    attached_at: str
+
+
+class NumberList(BaseModel):
+    """Numbers, in E.164 order."""
+
+    items: list[NumberOut]
+
+
+class KeyOut(BaseModel):
+    """A workspace key, without its secret."""
+
+    id: str
+    workspace_id: str
+    role: Literal["admin", "viewer"]
+    name: str
+    created_at: str
+    revoked_at: Stamp
+    last_used_at: Stamp
+
+
+class KeyCreated(KeyOut):
+    """A new key with its token, shown this once."""
+
+    token: str
+
+
+class KeyList(BaseModel):
+    """Keys, oldest first, revoked ones included."""
+
+    items: list[KeyOut]
+
+
+class CallOut(BaseModel):
+    """One call record; times are ISO 8601, money in micro-units."""
+
+    call_sid: str
+    workspace_id: str
+    agent_id: str
+    from_number: str
+    to_number: str
+    status: str
+    arrived_at: str
+    started_at: Stamp
+    ended_at: Stamp
+    metered_ms: int
+    metered_secs: float
+    end_reason: str | None
+    provider: str | None
+    provider_call_id: str | None
+    twilio_status: str | None
+    twilio_call_duration_secs: int | None
+    transferred_to: str | None
+    agent_audio_ms: int
+    agent_played_ms: int
+    interruptions: int
+    dropped_frames: int
+    recording: str | None
+    cost_micros: int
+    account_sid: str | None
+
+
+class CallList(BaseModel):
+    """A page of calls, newest first."""
+
+    items: list[CallOut]
+    next_cursor: str | None
+
+
+class UsageLineOut(BaseModel):
+    """Metered time and calls for one agent or number."""
+
+    seconds: float
+    ms: int
+    calls: int
+
+
+class StatementOut(BaseModel):
+    """A billing period's statement, in integer ms and micro-units."""
+
+    currency: str
+    billed_ms: int
+    billed_minutes_milli: int
+    included_ms: int
+    overage_ms: int
+    allowance_ms: int
+    price_micros: int
+    cost_micros: int
+    margin_micros: int
+
+
+class UsageOut(BaseModel):
+    """A workspace's usage for a month or a day."""
+
+    workspace_id: str
+    period: str
+    seconds: float
+    ms: int
+    calls: int
+    cost_micros: int
+    agents: dict[str, UsageLineOut]
+    numbers: dict[str, UsageLineOut]
+    statement: StatementOut | None
+
+
+class PlanOut(BaseModel):
+    """A workspace's plan and the hard cap it makes."""
+
+    timezone: str
+    included_minutes: int
+    overage: Literal["none", "minutes", "money"]
+    overage_limit: int
+    overage_price_micros_per_minute: int
+    base_fee_micros: int
+    max_concurrent_calls: int
+    billing_increment: Literal["second", "six_seconds", "minute"]
+    on_exhausted: Literal["goodbye", "redirect"]
+    exhausted_redirect_number: str | None
+    reject_with: Literal["message", "reject"]
+    currency: str
+    hard_cap_ms: int
+
+
+class AuditEntryOut(BaseModel):
+    """One audit entry."""
+
+    at: str
+    actor: str
+    action: str
+    target: str
+    detail: str
+
+
+class AuditList(BaseModel):
+    """The workspace's latest audit entries, newest first."""
+
+    items: list[AuditEntryOut]
