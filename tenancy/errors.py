@@ -19,7 +19,11 @@
     ├── ProtocolError
     │   └── InvalidStreamMessageError   malformed Twilio Media Streams frame
     ├── UpstreamError                   an agent platform failed or refused
-    └── TwilioActionError               Twilio's API refused an operator action
+    ├── TwilioActionError               Twilio's API refused an operator action
+    ├── TwilioApiError                  (tenancy.twilio_api) a REST call failed
+    ├── PlanError (InvalidInputError)   (metering.plans) a plan field is invalid
+    └── OperatorClientError             (router.operator_client) the CLI's errors:
+        MissingKeyError, UnreachableError, ProblemError, AnswerError
 """
 
 from __future__ import annotations
