@@ -1,4 +1,4 @@
-"""Converts a call's µ-law 8 kHz audio to and from the PCM16 16 kHz some agents want."""
+"""Converts call audio between µ-law 8 kHz and the PCM16 16 kHz some agents want."""
 
 from __future__ import annotations
 

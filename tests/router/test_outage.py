@@ -112,7 +112,8 @@ async def test_outage_under_terminate_ends_calls_within_the_window(
         talking = asyncio.create_task(
             call.send_audio(split_frames(tone_mulaw(440, duration_ms=10_000)))
         )
-        await asyncio.sleep(0.5)  # the call has to have been up a while
+        # The call has been up a while once half a second of it echoed back.
+        await call.wait_for_audio(4000, timeout_secs=5)
 
         loop = asyncio.get_running_loop()
         stopped = loop.time()
