@@ -36,6 +36,7 @@ from tenancy.logs import access_logger, router_logger
 from tenancy.numbers import Numbers
 from tenancy.problems import problem
 from tenancy.replies import Store
+from tenancy.subjects import Subjects
 from tenancy.twilio_accounts import TwilioAccounts
 from tenancy.twilio_api import TwilioApi
 from tenancy.vault import Vault
@@ -100,6 +101,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         accounts.token, enabled=settings.verify_signatures
     )
     app[api.PUBLIC_URL] = settings.public_url
+    app[manage.SUBJECTS] = Subjects(store, settings.secret_key, settings.data_dir)
     app[access.OPERATOR_KEY] = settings.operator_key
     app[access.KEYS] = Keys(store, settings.secret_key)
     app[access.AUDIT] = Audit(store)

@@ -145,6 +145,11 @@ def audit(workspace_id: str) -> str:
     return f"{workspace_prefix(workspace_id)}:audit"
 
 
+def subject_certificates(workspace_id: str) -> str:
+    """Stream: certificates of the workspace's data-subject requests."""
+    return f"{workspace_prefix(workspace_id)}:subjects"
+
+
 def unreconciled(workspace_id: str) -> str:
     """Sorted set: settled calls Twilio has not yet reported, scored by end (ms)."""
     return f"{workspace_prefix(workspace_id)}:unreconciled"

@@ -15,13 +15,16 @@ from pydantic import Field
 from tenancy import keyspace
 from tenancy.access import AUDIT, KEYS, endpoint
 from tenancy.api import (
+    LEDGER,
     NUMBERS,
     PUBLIC_URL,
     TWILIO,
     WORKSPACES,
     Body,
+    Phone,
     agent_document,
     audit,
+    call_document,
     iso,
     json_response,
     number_document,
@@ -33,12 +36,16 @@ from tenancy.keys import ApiKey
 from tenancy.schemas import (
     AgentOut,
     AuditList,
+    CertificateList,
+    CertificateOut,
     KeyCreated,
     KeyList,
     KeyOut,
     NumberOut,
+    SubjectExport,
     WorkspaceOut,
 )
+from tenancy.subjects import Certificate, Subjects
 from tenancy.twilio_api import TwilioApiError
 
 
@@ -385,3 +392,78 @@ async def buy_number(request: web.Request) -> web.Response:
     )
     await audit(request, workspace.id, "number.buy", bought, body.agent_id)
     return json_response(number_document(number), status=201)
+
+
+SUBJECTS = web.AppKey("subjects", Subjects)
+
+
+class SubjectBody(Body):
+    """Body of a data-subject request: the caller's number."""
+
+    number: Phone
+
+
+def _certificate(certificate: Certificate) -> dict[str, Any]:
+    return {
+        "id": certificate.id,
+        "kind": certificate.kind,
+        "subject_digest": certificate.subject_digest,
+        "at": iso(certificate.at_ms),
+        "call_records": certificate.call_records,
+        "recordings": certificate.recordings,
+    }
+
+
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/subjects/export",
+    "admin",
+    "Export every call record of one caller",
+    body=SubjectBody,
+    response=SubjectExport,
+)
+async def export_subject(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/subjects/export``."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    body = await read_body(request, SubjectBody)
+    found, certificate = await request.app[SUBJECTS].export(workspace.id, body.number)
+    ledger = request.app[LEDGER]
+    calls = [await ledger.get_call(workspace.id, f["call_sid"]) for f in found]
+    await audit(request, workspace.id, "subject.export", certificate.id)
+    return json_response(
+        {
+            "certificate": _certificate(certificate),
+            "calls": [call_document(call) for call in calls],
+        }
+    )
+
+
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/subjects/erase",
+    "admin",
+    "Erase every call record and recording of one caller",
+    body=SubjectBody,
+    response=CertificateOut,
+)
+async def erase_subject(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/subjects/erase``: totals stay, anonymous."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    body = await read_body(request, SubjectBody)
+    certificate = await request.app[SUBJECTS].erase(workspace.id, body.number)
+    await audit(request, workspace.id, "subject.erase", certificate.id)
+    return json_response(_certificate(certificate))
+
+
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}/subjects/certificates",
+    "admin",
+    "List data-subject certificates",
+    response=CertificateList,
+)
+async def subject_certificates(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/subjects/certificates``: newest first."""
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    certificates = await request.app[SUBJECTS].certificates(workspace.id)
+    return json_response({"items": [_certificate(c) for c in certificates]})

@@ -197,3 +197,27 @@ class AuditList(BaseModel):
     """The workspace's latest audit entries, newest first."""
 
     items: list[AuditEntryOut]
+
+
+class CertificateOut(BaseModel):
+    """A data-subject request's certificate; the caller only as a keyed hash."""
+
+    id: str
+    kind: Literal["export", "erase"]
+    subject_digest: str
+    at: str
+    call_records: int
+    recordings: int
+
+
+class CertificateList(BaseModel):
+    """The workspace's data-subject certificates, newest first."""
+
+    items: list[CertificateOut]
+
+
+class SubjectExport(BaseModel):
+    """Everything the workspace holds about one caller."""
+
+    certificate: CertificateOut
+    calls: list[CallOut]
