@@ -34,6 +34,7 @@ from tenancy.audit import Audit
 from tenancy.keys import Keys
 from tenancy.logs import access_logger, router_logger
 from tenancy.numbers import Numbers
+from tenancy.offboarding import Offboarding
 from tenancy.problems import problem
 from tenancy.replies import Store
 from tenancy.subjects import Subjects
@@ -144,12 +145,26 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         after_secs=settings.reconcile_after_secs,
     )
     app[RECONCILER] = reconciler
+    offboarding = Offboarding(
+        store,
+        workspaces,
+        numbers,
+        ledger,
+        quota,
+        app[access.KEYS],
+        app[access.AUDIT],
+        app[stream.TWILIO_API],
+        settings.data_dir,
+    )
+    app[manage.OFFBOARDING] = offboarding
     meter.start()
     sweeper.start()
     reconciler.start()
+    await offboarding.resume_interrupted()
     try:
         yield
     finally:
+        await offboarding.close()
         await reconciler.close()
         await sweeper.close()
         await meter.close()

@@ -58,10 +58,14 @@ class Endpoint:
     empty: bool = False
     query: tuple[tuple[str, str], ...] = ()
     response: type[Any] | None = None
+    accepted: bool = False
+    media: str = "application/json"
 
     @property
     def success(self) -> int:
         """The status a successful call answers with."""
+        if self.accepted:
+            return 202
         return 204 if self.empty else 201 if self.created else 200
 
 
@@ -78,12 +82,16 @@ def endpoint(
     empty: bool = False,
     query: tuple[tuple[str, str], ...] = (),
     response: type[Any] | None = None,
+    accepted: bool = False,
+    media: str = "application/json",
 ) -> Callable[[Handler], Handler]:
     """Declare a handler as the endpoint ``method`` ``path`` (under /api/v1).
 
     ``body`` is the request model (pydantic, or a dataclass pydantic can
     describe), ``response`` the model of a successful answer; ``query`` lists
-    (name, description) of optional parameters.
+    (name, description) of optional parameters; ``accepted`` marks work that
+    goes on after the answer (202); ``media`` is the answer's type when it is
+    a file rather than JSON.
     """
 
     def register(handler: Handler) -> Handler:
@@ -99,6 +107,8 @@ def endpoint(
                 empty,
                 query,
                 response,
+                accepted,
+                media,
             )
         )
         return handler
@@ -174,6 +184,12 @@ async def _attribute(request: web.Request, caller: Principal, status: int) -> No
     route = request.match_info.route.resource
     template = route.canonical if route is not None else "unmatched"
     try:
+        # An operator may name a workspace that does not, or no longer, exist:
+        # writing its log would bring back a key of a deleted workspace.
+        if caller.workspace_id is None and not await request.app[AUDIT].exists(
+            workspace_id
+        ):
+            return
         await request.app[AUDIT].record(
             workspace_id,
             caller,

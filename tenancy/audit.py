@@ -56,6 +56,10 @@ class Audit:
             approximate=True,
         )
 
+    async def exists(self, workspace_id: str) -> bool:
+        """Whether the workspace exists, so a log written for it has an owner."""
+        return await self._store.zscore(keyspace.WORKSPACES, workspace_id) is not None
+
     async def entries(self, workspace_id: str, limit: int = 100) -> list[Entry]:
         """The workspace's latest entries, newest first."""
         raw = await self._store.xrevrange(keyspace.audit(workspace_id), count=limit)

@@ -12,6 +12,12 @@ Global keys, the only ones outside a workspace:
     hash from an E.164 number to the id of the one workspace that owns it.
 ``cg:twilio_accounts``
     hash from a Twilio subaccount sid to the workspace it was made for.
+``cg:offboardings``
+    hash from a workspace id to the JSON state of its offboarding, which must
+    outlive the workspace it deletes.
+``cg:certificates``
+    hash from a deleted workspace's id to its deletion certificate (counts,
+    times and the export's hash; no personal data).
 
 Identifiers are checked before they become part of a key, so nothing read
 from the wire can reach into another workspace's namespace.
@@ -29,7 +35,11 @@ PREFIX = "cg"
 WORKSPACES = f"{PREFIX}:workspaces"
 NUMBERS = f"{PREFIX}:numbers"
 TWILIO_ACCOUNTS = f"{PREFIX}:twilio_accounts"
-GLOBAL_KEYS = frozenset({WORKSPACES, NUMBERS, TWILIO_ACCOUNTS})
+OFFBOARDINGS = f"{PREFIX}:offboardings"
+CERTIFICATES = f"{PREFIX}:certificates"
+GLOBAL_KEYS = frozenset(
+    {WORKSPACES, NUMBERS, TWILIO_ACCOUNTS, OFFBOARDINGS, CERTIFICATES}
+)
 
 _ID_BODY = "[a-z2-7]{16}"
 WORKSPACE_ID = re.compile(rf"ws_{_ID_BODY}")

@@ -31,17 +31,25 @@ from tenancy.api import (
     read_body,
     workspace_document,
 )
-from tenancy.errors import ConflictError, NotFoundError, TwilioActionError
+from tenancy.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    TwilioActionError,
+)
 from tenancy.keys import ApiKey
+from tenancy.offboarding import Offboarding
 from tenancy.schemas import (
     AgentOut,
     AuditList,
     CertificateList,
     CertificateOut,
+    DeletionCertificate,
     KeyCreated,
     KeyList,
     KeyOut,
     NumberOut,
+    OffboardingOut,
     SubjectExport,
     WorkspaceOut,
 )
@@ -467,3 +475,138 @@ async def subject_certificates(request: web.Request) -> web.Response:
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
     certificates = await request.app[SUBJECTS].certificates(workspace.id)
     return json_response({"items": [_certificate(c) for c in certificates]})
+
+
+OFFBOARDING = web.AppKey("offboarding", Offboarding)
+
+
+class NumberWish(Body):
+    """What to do with one number when its workspace is offboarded."""
+
+    action: Literal["release", "transfer", "keep"]
+    to_account_sid: Annotated[str | None, Field(pattern=r"^AC[0-9a-f]{32}$")] = None
+
+
+class BeginOffboarding(Body):
+    """Body of ``POST /workspaces/{id}/offboarding``; numbers not named are released."""
+
+    grace_secs: Annotated[int, Field(ge=0, le=3600)] = 60
+    numbers: dict[Phone, NumberWish] = Field(default_factory=dict)
+
+
+def _offboarding(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "workspace_id": state["workspace_id"],
+        "status": state["status"],
+        "started_at": iso(state["started_at_ms"]),
+        "finished_at": iso(state.get("finished_at_ms")),
+        "grace_secs": state["grace_secs"],
+        "steps": state["steps"],
+        "numbers": state["numbers"],
+        "export": state.get("export"),
+        "error": state.get("error"),
+    }
+
+
+@endpoint(
+    "POST",
+    "/workspaces/{workspace_id}/offboarding",
+    "operator",
+    "Offboard a workspace: export, numbers, keys, statement, deletion",
+    body=BeginOffboarding,
+    response=OffboardingOut,
+    accepted=True,
+)
+async def begin_offboarding(request: web.Request) -> web.Response:
+    """``POST /workspaces/{workspace_id}/offboarding``: starts, or resumes.
+
+    Resuming a failed offboarding may change what happens to the numbers it
+    has not handled yet; anything already done stays done.
+    """
+    offboarding = request.app[OFFBOARDING]
+    workspace_id = request.match_info["workspace_id"]
+    body = await read_body(request, BeginOffboarding)
+    for e164, wish in body.numbers.items():
+        if (wish.action == "transfer") != (wish.to_account_sid is not None):
+            raise InvalidInputError(
+                f"{e164}: to_account_sid goes with, and only with, a transfer"
+            )
+    wishes = {
+        e164: wish.model_dump(exclude_none=True) for e164, wish in body.numbers.items()
+    }
+    state = await offboarding.state(workspace_id)
+    if state is None:
+        workspace = await request.app[WORKSPACES].get(workspace_id)
+        owned = {n.e164 for n in await request.app[NUMBERS].of_workspace(workspace.id)}
+        for e164 in body.numbers:
+            if e164 not in owned:
+                raise InvalidInputError(f"{e164} is not a number of this workspace")
+        await audit(request, workspace.id, "workspace.offboard", workspace.id)
+        state = await offboarding.begin(workspace.id, wishes, body.grace_secs)
+    elif state["status"] == "failed" and wishes:
+        state = await offboarding.amend(workspace_id, wishes)
+    if state["status"] != "done":
+        offboarding.start(workspace_id)
+        state = {**state, "status": "running", "error": None}
+    return json_response(_offboarding(state), status=202)
+
+
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}/offboarding",
+    "operator",
+    "Where a workspace's offboarding stands",
+    response=OffboardingOut,
+)
+async def get_offboarding(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/offboarding``: outlives the workspace."""
+    workspace_id = request.match_info["workspace_id"]
+    state = await request.app[OFFBOARDING].state(workspace_id)
+    if state is None:
+        raise NotFoundError(f"workspace {workspace_id} is not being offboarded")
+    return json_response(_offboarding(state))
+
+
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}/offboarding/export",
+    "operator",
+    "Download the offboarding export archive",
+    media="application/zip",
+)
+async def download_export(request: web.Request) -> web.StreamResponse:
+    """``GET /workspaces/{workspace_id}/offboarding/export``: a zip file."""
+    workspace_id = request.match_info["workspace_id"]
+    state = await request.app[OFFBOARDING].state(workspace_id)
+    if state is None or "export" not in state:
+        raise NotFoundError(f"workspace {workspace_id} has no export yet")
+    path = request.app[OFFBOARDING].export_path(workspace_id)
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": "application/zip",
+            "Content-Disposition": f'attachment; filename="{workspace_id}.zip"',
+        },
+    )
+
+
+@endpoint(
+    "GET",
+    "/workspaces/{workspace_id}/offboarding/certificate",
+    "operator",
+    "The deletion certificate of an offboarded workspace",
+    response=DeletionCertificate,
+)
+async def deletion_certificate(request: web.Request) -> web.Response:
+    """``GET /workspaces/{workspace_id}/offboarding/certificate``."""
+    workspace_id = request.match_info["workspace_id"]
+    certificate = await request.app[OFFBOARDING].certificate(workspace_id)
+    if certificate is None:
+        raise NotFoundError(f"workspace {workspace_id} has not been deleted")
+    return json_response(
+        {
+            **{k: v for k, v in certificate.items() if not k.endswith("_at_ms")},
+            "started_at": iso(certificate["started_at_ms"]),
+            "deleted_at": iso(certificate["deleted_at_ms"]),
+        }
+    )

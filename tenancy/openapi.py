@@ -54,7 +54,10 @@ def _operation(declared: Endpoint, schemas: dict[str, Any]) -> dict[str, Any]:
         "content": {MEDIA_TYPE: {"schema": {"$ref": _REF.format(model="Problem")}}}
     }
     success: dict[str, Any] = {"description": "Success"}
-    if not declared.empty:
+    if declared.media != "application/json":
+        binary = {"type": "string", "contentMediaType": declared.media}
+        success["content"] = {declared.media: {"schema": binary}}
+    elif not declared.empty:
         shape: dict[str, Any] = {"type": "object"}
         if declared.response is not None:
             shape = _schema_of(declared.response, schemas)

@@ -221,3 +221,44 @@ class SubjectExport(BaseModel):
 
     certificate: CertificateOut
     calls: list[CallOut]
+
+
+class NumberOutcome(BaseModel):
+    """What offboarding does, or did, with one number."""
+
+    action: Literal["release", "transfer", "keep"]
+    status: Literal["pending", "done"]
+
+
+class ExportOut(BaseModel):
+    """The offboarding export archive: its size and SHA-256."""
+
+    sha256: str
+    bytes: int
+
+
+class OffboardingOut(BaseModel):
+    """Where a workspace's offboarding stands."""
+
+    workspace_id: str
+    status: Literal["running", "failed", "done"]
+    started_at: str
+    finished_at: Stamp
+    grace_secs: int
+    steps: dict[str, Literal["done"]]
+    numbers: dict[str, NumberOutcome]
+    export: ExportOut | None
+    error: str | None
+
+
+class DeletionCertificate(BaseModel):
+    """Proof a workspace was deleted: counts, times, the export's hash; no data."""
+
+    workspace_id: str
+    started_at: str
+    deleted_at: str
+    export_sha256: str
+    export_bytes: int
+    deleted_keys: dict[str, int]
+    numbers: dict[str, int]
+    subaccount_closed: bool

@@ -131,6 +131,53 @@ class TwilioApi:
             raise TwilioApiError(f"twilio refused to sell {number}: {status}", status)
         return str(document["sid"])
 
+    async def find_number(self, account_sid: str, number: str) -> str | None:
+        """The PN sid of ``number`` in the account, or None if it holds none."""
+        status, document = await self._send(
+            "GET",
+            account_sid,
+            f"/Accounts/{account_sid}/IncomingPhoneNumbers.json",
+            query={"PhoneNumber": number},
+        )
+        if status != 200:
+            raise TwilioApiError(f"twilio refused the lookup with {status}", status)
+        for entry in document.get("incoming_phone_numbers", []):
+            if isinstance(entry, dict) and entry.get("phone_number") == number:
+                sid = entry.get("sid")
+                return sid if isinstance(sid, str) else None
+        return None
+
+    async def release_number(self, account_sid: str, number_sid: str) -> None:
+        """Give a number back to Twilio."""
+        status, _ = await self._send(
+            "DELETE",
+            account_sid,
+            f"/Accounts/{account_sid}/IncomingPhoneNumbers/{number_sid}.json",
+        )
+        if status not in (200, 204):
+            raise TwilioApiError(f"twilio refused the release with {status}", status)
+
+    async def transfer_number(
+        self, account_sid: str, number_sid: str, to_account_sid: str
+    ) -> None:
+        """Move a number to another account of the same family."""
+        status, _ = await self._send(
+            "POST",
+            account_sid,
+            f"/Accounts/{account_sid}/IncomingPhoneNumbers/{number_sid}.json",
+            form={"AccountSid": to_account_sid},
+        )
+        if status != 200:
+            raise TwilioApiError(f"twilio refused the transfer with {status}", status)
+
+    async def close_account(self, account_sid: str) -> None:
+        """Close a subaccount for good (its numbers are released with it)."""
+        status, _ = await self._send(
+            "POST", account_sid, f"/Accounts/{account_sid}.json", {"Status": "closed"}
+        )
+        if status != 200:
+            raise TwilioApiError(f"twilio refused to close with {status}", status)
+
     async def _update(
         self, account_sid: str, call_sid: str, form: dict[str, str]
     ) -> bool:

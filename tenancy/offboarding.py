@@ -1,0 +1,403 @@
+"""Offboarding a workspace: one resumable operation from suspension to certificate.
+
+Steps, each idempotent, with the state kept outside the workspace (it is
+deleted on the way):
+
+1. suspend: new calls hear the workspace's goodbye; live calls get a grace
+   period, then are hung up through Twilio;
+2. export: one archive (calls.csv, usage.json, statement.json and .html,
+   config.json without secrets, audit.jsonl, recordings), its SHA-256 kept;
+3. numbers: each released, transferred to an account the client names, or
+   kept (for a port-out), through Twilio's REST API;
+4. revoke: every workspace key, and the subaccount's stored credentials;
+5. delete: every key of the workspace, its files, its index entries, then
+   its Twilio subaccount if Callgate made it and no number is kept in it;
+6. certificate: counts, times and the export's hash; no personal data.
+
+Running it again after any interruption resumes at the first unfinished step.
+A number operation records its intent before Twilio is asked, and a resumed
+run checks Twilio's state with a read before acting, so no irreversible
+operation is sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import io
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from metering.ledger import Ledger
+from metering.plans import hard_cap_ms, period_of, statement
+from metering.quota import Quota
+from tenancy import keyspace
+from tenancy.audit import Audit
+from tenancy.errors import UnknownNumberError, WorkspaceNotFoundError
+from tenancy.keys import Keys
+from tenancy.logs import tenancy_logger
+from tenancy.numbers import Numbers
+from tenancy.replies import Store, text, text_map, text_or_none, texts
+from tenancy.twilio_api import TwilioApi, TwilioApiError
+from tenancy.workspaces import Workspaces, now_ms
+
+STEPS = ("suspend", "export", "numbers", "revoke", "delete", "certificate")
+Action = Literal["release", "transfer", "keep"]
+# How often a grace period looks for calls still running.
+_GRACE_CHECK_SECS = 0.5
+# How long hung-up calls get to settle before the export goes ahead anyway.
+_SETTLE_MS = 30_000
+
+
+class Offboarding:
+    """Runs and resumes workspace offboardings."""
+
+    def __init__(
+        self,
+        store: Store,
+        workspaces: Workspaces,
+        numbers: Numbers,
+        ledger: Ledger,
+        quota: Quota,
+        keys: Keys,
+        audit: Audit,
+        twilio: TwilioApi,
+        data_dir: Path,
+    ) -> None:
+        self._store = store
+        self._workspaces = workspaces
+        self._number_book = numbers
+        self._ledger = ledger
+        self._quota = quota
+        self._keys = keys
+        self._audit = audit
+        self._twilio = twilio
+        self._data_dir = data_dir
+        self._tasks: dict[str, asyncio.Task[dict[str, Any]]] = {}
+
+    def start(self, workspace_id: str) -> None:
+        """Run the offboarding in the background unless it already runs here."""
+        task = self._tasks.get(workspace_id)
+        if task is not None and not task.done():
+            return
+        task = asyncio.create_task(self.run(workspace_id))
+        self._tasks[workspace_id] = task
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[dict[str, Any]]) -> None:
+        for workspace_id, running in list(self._tasks.items()):
+            if running is task:
+                del self._tasks[workspace_id]
+
+    async def wait(self, workspace_id: str) -> None:
+        """Wait for this process's run of an offboarding, if there is one."""
+        task = self._tasks.get(workspace_id)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def resume_interrupted(self) -> list[str]:
+        """Restart every offboarding a stopped process left running."""
+        resumed = []
+        for workspace_id, raw in text_map(
+            await self._store.hgetall(keyspace.OFFBOARDINGS)
+        ).items():
+            if orjson.loads(raw).get("status") == "running":
+                self.start(workspace_id)
+                resumed.append(workspace_id)
+        return resumed
+
+    async def close(self) -> None:
+        """Stop background runs; their state lets the next process resume them."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def export_path(self, workspace_id: str) -> Path:
+        """Where a workspace's export archive is kept; it outlives the workspace."""
+        keyspace.check(keyspace.WORKSPACE_ID, workspace_id, "workspace_id")
+        return self._data_dir / "exports" / f"{workspace_id}.zip"
+
+    async def state(self, workspace_id: str) -> dict[str, Any] | None:
+        """The offboarding's state, or None if it never started."""
+        raw = text_or_none(await self._store.hget(keyspace.OFFBOARDINGS, workspace_id))
+        return None if raw is None else dict(orjson.loads(raw))
+
+    async def certificate(self, workspace_id: str) -> dict[str, Any] | None:
+        """The deletion certificate of an offboarded workspace."""
+        raw = text_or_none(await self._store.hget(keyspace.CERTIFICATES, workspace_id))
+        return None if raw is None else dict(orjson.loads(raw))
+
+    async def begin(
+        self,
+        workspace_id: str,
+        numbers: dict[str, dict[str, str]],
+        grace_secs: int,
+    ) -> dict[str, Any]:
+        """Start an offboarding, or return the one already under way."""
+        existing = await self.state(workspace_id)
+        if existing is not None:
+            return existing
+        workspace = await self._workspaces.get(workspace_id)
+        state: dict[str, Any] = {
+            "workspace_id": workspace_id,
+            "status": "running",
+            "started_at_ms": now_ms(),
+            "grace_secs": grace_secs,
+            "subaccount": workspace.twilio_account_sid,
+            "requested_numbers": numbers,
+            "steps": {},
+            "numbers": {},
+        }
+        await self._save(state)
+        return state
+
+    async def amend(
+        self, workspace_id: str, numbers: dict[str, dict[str, str]]
+    ) -> dict[str, Any]:
+        """Change what happens to numbers not yet handled, before a resume."""
+        state = await self.state(workspace_id)
+        if state is None:
+            raise WorkspaceNotFoundError(workspace_id)
+        for e164, wish in numbers.items():
+            outcome = state["numbers"].get(e164)
+            if outcome is None or outcome["status"] != "done":
+                state["requested_numbers"][e164] = wish
+                state["numbers"].pop(e164, None)
+        await self._save(state)
+        return state
+
+    async def run(self, workspace_id: str) -> dict[str, Any]:
+        """Run every unfinished step; on failure the state says where it stopped."""
+        state = await self.state(workspace_id)
+        if state is None:
+            raise WorkspaceNotFoundError(workspace_id)
+        state["status"] = "running"
+        state.pop("error", None)
+        for step in STEPS:
+            if state["steps"].get(step) == "done":
+                continue
+            try:
+                await getattr(self, f"_step_{step}")(workspace_id, state)
+            except (TwilioApiError, OSError) as exc:
+                state["status"] = "failed"
+                state["error"] = f"{step}: {exc}"
+                await self._save(state)
+                tenancy_logger.warning(
+                    "offboarding %s stopped at %s", workspace_id, step
+                )
+                return state
+            state["steps"][step] = "done"
+            await self._save(state)
+        state["status"] = "done"
+        state["finished_at_ms"] = now_ms()
+        await self._save(state)
+        return state
+
+    async def _step_suspend(self, workspace_id: str, state: dict[str, Any]) -> None:
+        await self._workspaces.set_status(workspace_id, "suspended")
+        deadline = state["started_at_ms"] + state["grace_secs"] * 1000
+        await self._until_no_live_calls(workspace_id, deadline)
+        for call_sid, account_sid in await self._live_calls(workspace_id):
+            try:
+                await self._twilio.complete(account_sid, call_sid)
+            except TwilioApiError:
+                tenancy_logger.warning("could not end call %s", call_sid)
+        # The calls settle (their last writes land) before anything is exported.
+        await self._until_no_live_calls(workspace_id, now_ms() + _SETTLE_MS)
+
+    async def _until_no_live_calls(self, workspace_id: str, deadline_ms: int) -> None:
+        while now_ms() < deadline_ms:
+            if not await self._live_calls(workspace_id):
+                return
+            await asyncio.sleep(_GRACE_CHECK_SECS)
+
+    async def _live_calls(self, workspace_id: str) -> list[tuple[str, str]]:
+        live = []
+        sids = texts(await self._store.zrange(keyspace.calls(workspace_id), 0, -1))
+        for call_sid in sids:
+            record = await self._ledger.get_call(workspace_id, call_sid)
+            if record.ended_at_ms is None and record.started_at_ms is not None:
+                account = record.account_sid or self._twilio.main_account_sid or ""
+                live.append((call_sid, account))
+        return live
+
+    async def _step_export(self, workspace_id: str, state: dict[str, Any]) -> None:
+        path = self.export_path(workspace_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        documents = await self._documents(workspace_id)
+        recordings = self._data_dir / "workspaces" / workspace_id / "recordings"
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as archive:
+            for name, content in documents.items():
+                archive.writestr(name, content)
+            if recordings.is_dir():
+                for recording in sorted(recordings.iterdir()):
+                    archive.write(recording, f"recordings/{recording.name}")
+        partial.replace(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        state["export"] = {"sha256": digest, "bytes": path.stat().st_size}
+
+    async def _documents(self, workspace_id: str) -> dict[str, bytes]:
+        workspace = await self._workspaces.get(workspace_id)
+        calls = [
+            await self._ledger.get_call(workspace_id, sid)
+            for sid in texts(
+                await self._store.zrange(keyspace.calls(workspace_id), 0, -1)
+            )
+        ]
+        table = io.StringIO()
+        if calls:
+            columns = list(dataclasses.asdict(calls[0]))
+            writer = csv.DictWriter(table, fieldnames=columns)
+            writer.writeheader()
+            for record in calls:
+                writer.writerow(dataclasses.asdict(record))
+        prefix = keyspace.workspace_prefix(workspace_id) + ":usage:"
+        periods = sorted(
+            name.removeprefix(prefix)
+            for name in texts(
+                [k async for k in self._store.scan_iter(match=_escape(prefix) + "*")]
+            )
+        )
+        usage = {}
+        for period in periods:
+            line = await self._ledger.usage(workspace_id, period)
+            usage[period] = dataclasses.asdict(line)
+        plan = await self._workspaces.plan(workspace_id)
+        zone = plan.timezone if plan else "UTC"
+        period = period_of(now_ms(), zone).label
+        final = dataclasses.asdict(await self._ledger.usage(workspace_id, period))
+        if plan is not None:
+            billed = (await self._quota.state(workspace_id, period)).used_ms
+            bill = statement(plan, billed, final["cost_micros"])
+            final = {"period": period, **dataclasses.asdict(bill)}
+            final["hard_cap_ms"] = hard_cap_ms(plan)
+        config = {
+            "workspace": dataclasses.asdict(workspace),
+            "agents": [
+                dataclasses.asdict(a)
+                for a in await self._workspaces.list_agents(workspace_id)
+            ],
+            "numbers": [
+                dataclasses.asdict(n)
+                for n in await self._number_book.of_workspace(workspace_id)
+            ],
+            "plan": dataclasses.asdict(plan) if plan else None,
+        }
+        entries = await self._audit.entries(workspace_id, limit=100_000)
+        audit_lines = b"".join(
+            orjson.dumps(dataclasses.asdict(entry)) + b"\n" for entry in entries
+        )
+        return {
+            "calls.csv": table.getvalue().encode(),
+            "usage.json": orjson.dumps(usage, option=orjson.OPT_INDENT_2),
+            "statement.json": orjson.dumps(final, option=orjson.OPT_INDENT_2),
+            "statement.html": _statement_html(workspace.name, period, final).encode(),
+            "config.json": orjson.dumps(config, option=orjson.OPT_INDENT_2),
+            "audit.jsonl": audit_lines,
+        }
+
+    async def _step_numbers(self, workspace_id: str, state: dict[str, Any]) -> None:
+        requested = state["requested_numbers"]
+        for number in await self._number_book.of_workspace(workspace_id):
+            outcome = state["numbers"].get(number.e164)
+            if outcome is not None and outcome["status"] == "done":
+                continue
+            wish = requested.get(number.e164, {})
+            action: Action = wish.get("action", "release")
+            account = number.twilio_account_sid
+            outcome = {"action": action, "status": "pending"}
+            state["numbers"][number.e164] = outcome
+            await self._save(state)
+            if account is not None and action != "keep":
+                number_sid = await self._twilio.find_number(account, number.e164)
+                # None: a run before this one already did it.
+                if number_sid is not None and action == "release":
+                    await self._twilio.release_number(account, number_sid)
+                elif number_sid is not None:
+                    target = wish.get("to_account_sid", "")
+                    await self._twilio.transfer_number(account, number_sid, target)
+            with contextlib.suppress(UnknownNumberError):
+                await self._number_book.detach(workspace_id, number.e164)
+            outcome["status"] = "done"
+            await self._save(state)
+
+    async def _step_revoke(self, workspace_id: str, state: dict[str, Any]) -> None:
+        for key in await self._keys.all(workspace_id):
+            await self._keys.revoke(workspace_id, key.id)
+        await self._store.hdel(keyspace.workspace(workspace_id), "twilio_token")
+        if state["subaccount"]:
+            await self._store.hdel(keyspace.TWILIO_ACCOUNTS, state["subaccount"])
+
+    async def _step_delete(self, workspace_id: str, state: dict[str, Any]) -> None:
+        if "deleted" not in state:
+            counts: dict[str, int] = {}
+            prefix = keyspace.workspace_prefix(workspace_id) + ":"
+            async for name in self._store.scan_iter(
+                match=keyspace.workspace_pattern(workspace_id)
+            ):
+                kind = text(name).removeprefix(prefix).split(":", 1)[0]
+                counts[kind] = counts.get(kind, 0) + 1
+            state["deleted"] = counts
+            await self._save(state)
+        async for name in self._store.scan_iter(
+            match=keyspace.workspace_pattern(workspace_id)
+        ):
+            await self._store.delete(name)
+        await self._store.zrem(keyspace.WORKSPACES, workspace_id)
+        owned = text_map(await self._store.hgetall(keyspace.NUMBERS))
+        for e164, owner in owned.items():
+            if owner == workspace_id:
+                await self._store.hdel(keyspace.NUMBERS, e164)
+        shutil.rmtree(self._data_dir / "workspaces" / workspace_id, ignore_errors=True)
+        kept = any(o["action"] == "keep" for o in state["numbers"].values())
+        subaccount = state["subaccount"]
+        if subaccount and not kept and state.get("subaccount_closed") is None:
+            await self._twilio.close_account(subaccount)
+            state["subaccount_closed"] = now_ms()
+
+    async def _step_certificate(self, workspace_id: str, state: dict[str, Any]) -> None:
+        actions: dict[str, int] = {}
+        for outcome in state["numbers"].values():
+            actions[outcome["action"]] = actions.get(outcome["action"], 0) + 1
+        certificate = {
+            "workspace_id": workspace_id,
+            "started_at_ms": state["started_at_ms"],
+            "deleted_at_ms": now_ms(),
+            "export_sha256": state["export"]["sha256"],
+            "export_bytes": state["export"]["bytes"],
+            "deleted_keys": state["deleted"],
+            "numbers": actions,
+            "subaccount_closed": state.get("subaccount_closed") is not None,
+        }
+        await self._store.hset(
+            keyspace.CERTIFICATES, workspace_id, orjson.dumps(certificate)
+        )
+
+    async def _save(self, state: dict[str, Any]) -> None:
+        await self._store.hset(
+            keyspace.OFFBOARDINGS, state["workspace_id"], orjson.dumps(state)
+        )
+
+
+def _escape(pattern: str) -> str:
+    return pattern.replace("{", "\\{").replace("}", "\\}")
+
+
+def _statement_html(name: str, period: str, final: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><th>{key}</th><td>{value}</td></tr>" for key, value in final.items()
+    )
+    title = f"Final statement, {name}, {period}"
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"</head><body><h1>{title}</h1><table>{rows}</table></body></html>"
+    )
