@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 from aiohttp import web
@@ -156,6 +156,7 @@ def parser() -> argparse.ArgumentParser:
     common = connection_options()
     add_workspace_commands(commands, common)
     add_agent_commands(commands, common)
+    add_offboard_command(commands, common)
     add_number_commands(commands, common)
     add_plan_commands(commands, common)
     add_key_commands(commands, common)
@@ -247,6 +248,14 @@ def add_workspace_commands(commands: Commands, common: argparse.ArgumentParser) 
         status = leaf(workspace, action, summary, common, "id")
         status.set_defaults(build=status_request, render=row(WORKSPACE_COLUMNS))
 
+    state = leaf(
+        workspace, "offboarding", "where a workspace's offboarding stands", common, "id"
+    )
+    state.set_defaults(
+        build=lambda args: Request("GET", workspace_path(args, "offboarding")),
+        render=record,
+    )
+
 
 def workspace_path(args: argparse.Namespace, *segments: str) -> str:
     """The path of the subcommand's workspace, or of ``segments`` below it."""
@@ -256,6 +265,55 @@ def workspace_path(args: argparse.Namespace, *segments: str) -> str:
 def status_request(args: argparse.Namespace) -> Request:
     """``POST /workspaces/{id}/suspend`` or ``.../resume``."""
     return Request("POST", workspace_path(args, args.action))
+
+
+def add_offboard_command(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """``callgate offboard WORKSPACE``: the status is ``workspace offboarding``."""
+    offboard = leaf(
+        commands,
+        "offboard",
+        "offboard a workspace: export, numbers, keys, deletion; again to resume",
+        common,
+        "id",
+    )
+    offboard.add_argument(
+        "--grace", type=int, default=60, help="seconds live calls get (default 60)"
+    )
+    offboard.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="NUMBER[=YYYY-MM-DD]",
+        help="keep a number, until its port-out date if given",
+    )
+    offboard.add_argument(
+        "--pause-after",
+        choices=("suspend", "export", "numbers", "revoke", "delete"),
+        help="stop after this step (to review the export, say); run again to go on",
+    )
+    offboard.add_argument(
+        "--transfer",
+        action="append",
+        default=[],
+        metavar="NUMBER=ACCOUNT_SID",
+        help="transfer a number to a Twilio account; the others are released",
+    )
+    offboard.set_defaults(build=offboard_request, render=record)
+
+
+def offboard_request(args: argparse.Namespace) -> Request:
+    """``POST /workspaces/{id}/offboarding`` with what to do with each number."""
+    numbers: dict[str, dict[str, str]] = {}
+    for pair in args.keep:
+        number, _, until = pair.partition("=")
+        numbers[number] = {"action": "keep", **({"until": until} if until else {})}
+    for pair in args.transfer:
+        number, _, account = pair.partition("=")
+        numbers[number] = {"action": "transfer", "to_account_sid": account}
+    body: dict[str, Any] = {"grace_secs": args.grace, "numbers": numbers}
+    if args.pause_after is not None:
+        body["pause_after"] = args.pause_after
+    return Request("POST", workspace_path(args, "offboarding"), body)
 
 
 def add_agent_commands(commands: Commands, common: argparse.ArgumentParser) -> None:

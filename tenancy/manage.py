@@ -7,6 +7,7 @@ written to the workspace's audit log.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
@@ -485,6 +486,7 @@ class NumberWish(Body):
 
     action: Literal["release", "transfer", "keep"]
     to_account_sid: Annotated[str | None, Field(pattern=r"^AC[0-9a-f]{32}$")] = None
+    until: dt.date | None = None
 
 
 class BeginOffboarding(Body):
@@ -492,6 +494,9 @@ class BeginOffboarding(Body):
 
     grace_secs: Annotated[int, Field(ge=0, le=3600)] = 60
     numbers: dict[Phone, NumberWish] = Field(default_factory=dict)
+    pause_after: Literal["suspend", "export", "numbers", "revoke", "delete"] | None = (
+        None
+    )
 
 
 def _offboarding(state: dict[str, Any]) -> dict[str, Any]:
@@ -501,6 +506,7 @@ def _offboarding(state: dict[str, Any]) -> dict[str, Any]:
         "started_at": iso(state["started_at_ms"]),
         "finished_at": iso(state.get("finished_at_ms")),
         "grace_secs": state["grace_secs"],
+        "pause_after": state.get("pause_after"),
         "steps": state["steps"],
         "numbers": state["numbers"],
         "export": state.get("export"),
@@ -520,8 +526,9 @@ def _offboarding(state: dict[str, Any]) -> dict[str, Any]:
 async def begin_offboarding(request: web.Request) -> web.Response:
     """``POST /workspaces/{workspace_id}/offboarding``: starts, or resumes.
 
-    Resuming a failed offboarding may change what happens to the numbers it
-    has not handled yet; anything already done stays done.
+    Resuming a failed or paused offboarding may change where it pauses next
+    and what happens to the numbers it has not handled yet; anything already
+    done stays done.
     """
     offboarding = request.app[OFFBOARDING]
     workspace_id = request.match_info["workspace_id"]
@@ -531,8 +538,11 @@ async def begin_offboarding(request: web.Request) -> web.Response:
             raise InvalidInputError(
                 f"{e164}: to_account_sid goes with, and only with, a transfer"
             )
+        if wish.until is not None and wish.action != "keep":
+            raise InvalidInputError(f"{e164}: until (the port-out date) is for keep")
     wishes = {
-        e164: wish.model_dump(exclude_none=True) for e164, wish in body.numbers.items()
+        e164: wish.model_dump(mode="json", exclude_none=True)
+        for e164, wish in body.numbers.items()
     }
     state = await offboarding.state(workspace_id)
     if state is None:
@@ -542,9 +552,11 @@ async def begin_offboarding(request: web.Request) -> web.Response:
             if e164 not in owned:
                 raise InvalidInputError(f"{e164} is not a number of this workspace")
         await audit(request, workspace.id, "workspace.offboard", workspace.id)
-        state = await offboarding.begin(workspace.id, wishes, body.grace_secs)
-    elif state["status"] == "failed" and wishes:
-        state = await offboarding.amend(workspace_id, wishes)
+        state = await offboarding.begin(
+            workspace.id, wishes, body.grace_secs, body.pause_after
+        )
+    elif state["status"] in ("failed", "paused"):
+        state = await offboarding.amend(workspace_id, wishes, body.pause_after)
     if state["status"] != "done":
         offboarding.start(workspace_id)
         state = {**state, "status": "running", "error": None}

@@ -27,6 +27,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import html
 import io
 import shutil
 import zipfile
@@ -36,9 +37,16 @@ from typing import Any, Literal
 import orjson
 
 from metering.ledger import Ledger
-from metering.plans import hard_cap_ms, period_of, statement
+from metering.plans import period_of
 from metering.quota import Quota
 from tenancy import keyspace
+from tenancy.api import (
+    agent_document,
+    call_document,
+    number_document,
+    usage_document,
+    workspace_document,
+)
 from tenancy.audit import Audit
 from tenancy.errors import UnknownNumberError, WorkspaceNotFoundError
 from tenancy.keys import Keys
@@ -140,8 +148,13 @@ class Offboarding:
         workspace_id: str,
         numbers: dict[str, dict[str, str]],
         grace_secs: int,
+        pause_after: str | None = None,
     ) -> dict[str, Any]:
-        """Start an offboarding, or return the one already under way."""
+        """Start an offboarding, or return the one already under way.
+
+        ``pause_after`` names a step after which the run stops, paused, until
+        it is resumed: to review the export before anything is released, say.
+        """
         existing = await self.state(workspace_id)
         if existing is not None:
             return existing
@@ -151,6 +164,7 @@ class Offboarding:
             "status": "running",
             "started_at_ms": now_ms(),
             "grace_secs": grace_secs,
+            "pause_after": pause_after,
             "subaccount": workspace.twilio_account_sid,
             "requested_numbers": numbers,
             "steps": {},
@@ -160,12 +174,16 @@ class Offboarding:
         return state
 
     async def amend(
-        self, workspace_id: str, numbers: dict[str, dict[str, str]]
+        self,
+        workspace_id: str,
+        numbers: dict[str, dict[str, str]],
+        pause_after: str | None,
     ) -> dict[str, Any]:
-        """Change what happens to numbers not yet handled, before a resume."""
+        """Before a resume: set the next pause and the unhandled numbers' fate."""
         state = await self.state(workspace_id)
         if state is None:
             raise WorkspaceNotFoundError(workspace_id)
+        state["pause_after"] = pause_after
         for e164, wish in numbers.items():
             outcome = state["numbers"].get(e164)
             if outcome is None or outcome["status"] != "done":
@@ -195,6 +213,10 @@ class Offboarding:
                 )
                 return state
             state["steps"][step] = "done"
+            if state.get("pause_after") == step and step != STEPS[-1]:
+                state["status"] = "paused"
+                await self._save(state)
+                return state
             await self._save(state)
         state["status"] = "done"
         state["finished_at_ms"] = now_ms()
@@ -246,49 +268,43 @@ class Offboarding:
         state["export"] = {"sha256": digest, "bytes": path.stat().st_size}
 
     async def _documents(self, workspace_id: str) -> dict[str, bytes]:
+        """The archive's files, each in the same shape the API answers with."""
         workspace = await self._workspaces.get(workspace_id)
+        sids = texts(await self._store.zrange(keyspace.calls(workspace_id), 0, -1))
         calls = [
-            await self._ledger.get_call(workspace_id, sid)
-            for sid in texts(
-                await self._store.zrange(keyspace.calls(workspace_id), 0, -1)
-            )
+            call_document(await self._ledger.get_call(workspace_id, sid))
+            for sid in reversed(sids)
         ]
         table = io.StringIO()
         if calls:
-            columns = list(dataclasses.asdict(calls[0]))
-            writer = csv.DictWriter(table, fieldnames=columns)
+            writer = csv.DictWriter(table, fieldnames=list(calls[0]))
             writer.writeheader()
-            for record in calls:
-                writer.writerow(dataclasses.asdict(record))
-        prefix = keyspace.workspace_prefix(workspace_id) + ":usage:"
-        periods = sorted(
-            name.removeprefix(prefix)
-            for name in texts(
-                [k async for k in self._store.scan_iter(match=_escape(prefix) + "*")]
-            )
-        )
-        usage = {}
-        for period in periods:
-            line = await self._ledger.usage(workspace_id, period)
-            usage[period] = dataclasses.asdict(line)
+            writer.writerows(calls)
         plan = await self._workspaces.plan(workspace_id)
         zone = plan.timezone if plan else "UTC"
-        period = period_of(now_ms(), zone).label
-        final = dataclasses.asdict(await self._ledger.usage(workspace_id, period))
-        if plan is not None:
-            billed = (await self._quota.state(workspace_id, period)).used_ms
-            bill = statement(plan, billed, final["cost_micros"])
-            final = {"period": period, **dataclasses.asdict(bill)}
-            final["hard_cap_ms"] = hard_cap_ms(plan)
+        current = period_of(now_ms(), zone).label
+        prefix = keyspace.workspace_prefix(workspace_id) + ":usage:"
+        periods = {
+            text(name).removeprefix(prefix)
+            async for name in self._store.scan_iter(match=_escape(prefix) + "*")
+        }
+        usage = {}
+        for period in sorted(periods | {current}):
+            line = await self._ledger.usage(workspace_id, period)
+            billed_ms = line.ms
+            if plan is not None:
+                billed_ms = (await self._quota.state(workspace_id, period)).used_ms
+            usage[period] = usage_document(line, plan, billed_ms)
+        final = usage[current]
         config = {
-            "workspace": dataclasses.asdict(workspace),
+            "workspace": workspace_document(workspace),
             "agents": [
-                dataclasses.asdict(a)
-                for a in await self._workspaces.list_agents(workspace_id)
+                agent_document(agent)
+                for agent in await self._workspaces.list_agents(workspace_id)
             ],
             "numbers": [
-                dataclasses.asdict(n)
-                for n in await self._number_book.of_workspace(workspace_id)
+                number_document(number)
+                for number in await self._number_book.of_workspace(workspace_id)
             ],
             "plan": dataclasses.asdict(plan) if plan else None,
         }
@@ -300,7 +316,7 @@ class Offboarding:
             "calls.csv": table.getvalue().encode(),
             "usage.json": orjson.dumps(usage, option=orjson.OPT_INDENT_2),
             "statement.json": orjson.dumps(final, option=orjson.OPT_INDENT_2),
-            "statement.html": _statement_html(workspace.name, period, final).encode(),
+            "statement.html": _statement_html(workspace.name, final).encode(),
             "config.json": orjson.dumps(config, option=orjson.OPT_INDENT_2),
             "audit.jsonl": audit_lines,
         }
@@ -315,6 +331,8 @@ class Offboarding:
             action: Action = wish.get("action", "release")
             account = number.twilio_account_sid
             outcome = {"action": action, "status": "pending"}
+            if "until" in wish:
+                outcome["until"] = wish["until"]
             state["numbers"][number.e164] = outcome
             await self._save(state)
             if account is not None and action != "keep":
@@ -392,12 +410,34 @@ def _escape(pattern: str) -> str:
     return pattern.replace("{", "\\{").replace("}", "\\}")
 
 
-def _statement_html(name: str, period: str, final: dict[str, Any]) -> str:
+def _statement_html(name: str, final: dict[str, Any]) -> str:
+    """The final statement as a page a client can read and print."""
+    facts: dict[str, Any] = {
+        "Minutes": final["seconds"] / 60,
+        "Calls": final["calls"],
+        "Cost to serve": final["cost_micros"] / 1_000_000,
+    }
+    bill = final["statement"]
+    if bill is not None:
+        facts.update(
+            {
+                "Billed minutes": bill["billed_ms"] / 60_000,
+                "Included minutes": bill["included_ms"] / 60_000,
+                "Overage minutes": bill["overage_ms"] / 60_000,
+                f"Amount due ({bill['currency']})": bill["price_micros"] / 1_000_000,
+                "Cost to serve": bill["cost_micros"] / 1_000_000,
+                "Margin": bill["margin_micros"] / 1_000_000,
+            }
+        )
     rows = "".join(
-        f"<tr><th>{key}</th><td>{value}</td></tr>" for key, value in final.items()
+        f"<tr><th>{html.escape(label)}</th><td>{value:,.2f}</td></tr>"
+        if isinstance(value, float)
+        else f"<tr><th>{html.escape(label)}</th><td>{value}</td></tr>"
+        for label, value in facts.items()
     )
-    title = f"Final statement, {name}, {period}"
+    title = html.escape(f"Final statement: {name}, {final['period']}")
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
-        f"</head><body><h1>{title}</h1><table>{rows}</table></body></html>"
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{title}</title></head><body><h1>{title}</h1>"
+        f"<table>{rows}</table></body></html>\n"
     )

@@ -228,6 +228,7 @@ class NumberOutcome(BaseModel):
 
     action: Literal["release", "transfer", "keep"]
     status: Literal["pending", "done"]
+    until: str | None = None
 
 
 class ExportOut(BaseModel):
@@ -241,10 +242,11 @@ class OffboardingOut(BaseModel):
     """Where a workspace's offboarding stands."""
 
     workspace_id: str
-    status: Literal["running", "failed", "done"]
+    status: Literal["running", "paused", "failed", "done"]
     started_at: str
     finished_at: Stamp
     grace_secs: int
+    pause_after: str | None
     steps: dict[str, Literal["done"]]
     numbers: dict[str, NumberOutcome]
     export: ExportOut | None

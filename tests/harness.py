@@ -205,6 +205,16 @@ class CallgateProcess:
             response.raise_for_status()
         return workspace["id"]
 
+    async def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Call the operator API; returns the status and the decoded JSON."""
+        async with self.http.request(
+            method,
+            f"{self.base_url}/api/v1{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
+        ) as response:
+            return response.status, await response.json(content_type=None)
+
     async def put_plan(self, workspace_id: str, plan: dict[str, Any]) -> None:
         """Set the workspace's plan through the API."""
         async with self.http.put(

@@ -13,6 +13,7 @@ import pytest
 
 from metering.ledger import month_of
 from router.cli import main
+from tenancy import manage
 from tenancy.workspaces import now_ms
 from tests.harness import Harness
 
@@ -347,3 +348,34 @@ async def test_error_that_is_not_a_problem_reports_its_status(
     run = await cli("workspace", "list", "--url", f"{callgate.base_url}/elsewhere")
     assert (run.status, run.out) == (1, "")
     assert run.err == "callgate: 404 not found\n"
+
+
+async def test_workspace_offboard_keeps_a_number_and_deletes_the_rest(
+    cli: Cli, callgate: Harness
+) -> None:
+    """Offboard sends what to do with each number; offboarding shows the result."""
+    tenant = await callgate.tenant("leaving", NUMBER)
+    _, workspace = await callgate.api("GET", f"/workspaces/{tenant.workspace_id}")
+
+    started = await cli.ok(
+        "offboard",
+        tenant.workspace_id,
+        "--grace",
+        "0",
+        "--keep",
+        f"{NUMBER}=2027-01-31",
+    )
+    assert "running" in started.out
+    await callgate.app[manage.OFFBOARDING].wait(tenant.workspace_id)
+    state = (
+        await cli.ok("workspace", "offboarding", tenant.workspace_id, "--json")
+    ).json()
+    assert state["status"] == "done", state
+    assert state["numbers"] == {
+        NUMBER: {"action": "keep", "status": "done", "until": "2027-01-31"}
+    }
+    status, _ = await callgate.api("GET", f"/workspaces/{tenant.workspace_id}")
+    assert status == 404
+    # A kept number stays in the subaccount, which stays open for the port-out.
+    subaccount = workspace["twilio_account_sid"]
+    assert callgate.twilio_rest.account_status(subaccount) == "active"

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hashlib
 import io
+import signal
 import zipfile
+from pathlib import Path
 from typing import Any
 
+import orjson
 import redis.asyncio as redis
 
 from tenancy import keyspace, manage
-from tests.harness import OPERATOR_KEY, Harness
+from tests.harness import (
+    OPERATOR_KEY,
+    CallgateProcess,
+    Harness,
+    callgate_process,
+    running_peers,
+)
 from tests.peers.audio import split_frames, tone_mulaw
+from tests.peers.twilio import FakeTwilioRest
 
 NUMBER_A = "+15005550001"
 NUMBER_B = "+15005550002"
@@ -30,6 +41,25 @@ async def _buy(callgate: Harness, workspace_id: str, agent_id: str) -> str:
     assert status == 201, bought
     number: str = bought["number"]
     return number
+
+
+# What a workspace is, as opposed to what its calls add to it.
+SETUP_KINDS = frozenset({"meta", "agents", "agent", "numbers", "number", "keys", "key"})
+
+
+async def _snapshot(
+    store: redis.Redis, workspace_id: str, kinds: frozenset[str]
+) -> dict[str, bytes]:
+    """DUMP of each of the workspace's keys of the given kinds."""
+    prefix = keyspace.workspace_prefix(workspace_id) + ":"
+    dumps: dict[str, bytes] = {}
+    async for name in store.scan_iter(match=keyspace.workspace_pattern(workspace_id)):
+        if name.removeprefix(prefix).split(":", 1)[0] in kinds:
+            value = await store.dump(name)
+            assert value is not None
+            dumps[name] = value
+    assert dumps
+    return dumps
 
 
 async def _offboard(
@@ -62,6 +92,9 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
         "POST", f"{base}/keys", {"role": "admin", "name": "client"}
     )
     assert status == 201
+    status, _ = await callgate.api("PUT", f"{base}/plan", {"included_minutes": 100})
+    assert status == 200
+    bravo_setup = await _snapshot(store, bravo.workspace_id, SETUP_KINDS)
     # A finished call and a live one in A; a live one in B.
     done, _ = await callgate.connected_call(NUMBER_A, CALLER)
     tone = tone_mulaw(440, duration_ms=300)
@@ -71,19 +104,27 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
     await callgate.calls_settled()
     lingering, _ = await callgate.connected_call(NUMBER_A, CALLER)
     talking, _ = await callgate.connected_call(NUMBER_B, CALLER)
-    _, listed = await callgate.api("GET", f"{base}/calls")
 
-    # First run: the transfer target is wrong, so it stops at the numbers.
-    first = await _offboard(
+    # Paused after the suspension, the API's view is the one to export.
+    paused = await _offboard(
         callgate,
         alpha.workspace_id,
         {
             "grace_secs": 1,
+            "pause_after": "suspend",
             "numbers": {
                 moved: {"action": "transfer", "to_account_sid": STRANGER},
             },
         },
     )
+    assert paused["status"] == "paused", paused
+    _, listed = await callgate.api("GET", f"{base}/calls")
+    _, usage = await callgate.api("GET", f"{base}/usage")
+    assert usage["statement"] is not None
+    assert [call["call_sid"] for call in listed["items"]] == [lingering.sid, done.sid]
+
+    # Resumed: the transfer target is wrong, so it stops at the numbers.
+    first = await _offboard(callgate, alpha.workspace_id, {})
     assert first["status"] == "failed", first
     assert first["error"].startswith("numbers:")
     assert first["numbers"][released]["status"] == "done"
@@ -130,13 +171,21 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
     with zipfile.ZipFile(io.BytesIO(archive)) as export:
         names = set(export.namelist())
         rows = list(csv.DictReader(io.StringIO(export.read("calls.csv").decode())))
+        usages = orjson.loads(export.read("usage.json"))
+        final = orjson.loads(export.read("statement.json"))
+        page = export.read("statement.html").decode()
         audit = export.read("audit.jsonl").decode()
         everything = b"".join(export.read(name) for name in names)
     assert {"calls.csv", "usage.json", "statement.json", "config.json"} <= names
     assert f"recordings/{done.sid}.wav" in names
-    assert sorted(row["call_sid"] for row in rows) == sorted(
-        call["call_sid"] for call in listed["items"]
-    )
+    assert rows == [
+        {name: "" if value is None else str(value) for name, value in call.items()}
+        for call in listed["items"]
+    ]
+    assert usages[usage["period"]] == usage
+    assert final == usage
+    assert "Included minutes" in page
+    assert "Amount due (USD)" in page
     assert "workspace.offboard" in audit
     assert alpha.api_key.encode() not in everything
     assert key["token"].encode() not in everything
@@ -161,5 +210,148 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
     await callgate.calls_settled()
     record = await callgate.call_record(bravo.workspace_id, talking.sid)
     assert record["end_reason"] == "caller_hung_up"
+    # B's configuration and keys are byte for byte what they were.
+    assert await _snapshot(store, bravo.workspace_id, SETUP_KINDS) == bravo_setup
     # Asking about the offboarding did not bring any of A's keys back.
     assert [k async for k in store.scan_iter(match=f"*{alpha.workspace_id}*")] == []
+
+
+async def _state_when(
+    store: redis.Redis, workspace_id: str, statuses: set[str]
+) -> dict[str, Any]:
+    """The offboarding's state once its status is one of ``statuses``.
+
+    Woken by the store's keyspace notifications on the offboardings hash.
+    """
+    await store.config_set("notify-keyspace-events", "Kh")
+    pubsub = store.pubsub()
+    await pubsub.subscribe(f"__keyspace@0__:{keyspace.OFFBOARDINGS}")
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                raw = await store.hget(keyspace.OFFBOARDINGS, workspace_id)
+                if raw is not None:
+                    state: dict[str, Any] = orjson.loads(raw)
+                    if state["status"] in statuses:
+                        return state
+                await pubsub.get_message(timeout=1.0)
+    finally:
+        # redis-py leaves PubSub.aclose unannotated.
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _leaving_workspace(callgate: CallgateProcess, name: str) -> dict[str, Any]:
+    """A workspace with a subaccount, an agent, two bought numbers and a key."""
+    status, workspace = await callgate.api("POST", "/workspaces", {"name": name})
+    assert status == 201, workspace
+    base = f"/workspaces/{workspace['id']}"
+    status, agent = await callgate.api(
+        "POST",
+        f"{base}/agents",
+        {"name": "desk", "provider": "vapi", "assistant_id": "a", "api_key": "k"},
+    )
+    assert status == 201, agent
+    numbers = []
+    for _ in range(2):
+        status, bought = await callgate.api(
+            "POST", f"{base}/numbers/buy", {"area_code": "415", "agent_id": agent["id"]}
+        )
+        assert status == 201, bought
+        numbers.append(bought["number"])
+    status, _ = await callgate.api(
+        "POST", f"{base}/keys", {"role": "viewer", "name": "client"}
+    )
+    assert status == 201
+    return {**workspace, "numbers": numbers}
+
+
+async def _export_names(callgate: CallgateProcess, workspace_id: str) -> list[str]:
+    async with callgate.http.get(
+        f"{callgate.base_url}/api/v1/workspaces/{workspace_id}/offboarding/export",
+        headers={"Authorization": f"Bearer {OPERATOR_KEY}"},
+    ) as response:
+        assert response.status == 200
+        archive = await response.read()
+    with zipfile.ZipFile(io.BytesIO(archive)) as export:
+        return sorted(export.namelist())
+
+
+def _twilio_operations(rest: FakeTwilioRest, subaccount: str) -> list[str]:
+    """The irreversible requests sent about one subaccount and its numbers."""
+    operations = []
+    for request in rest.requests:
+        if f"/Accounts/{subaccount}" not in request.path or request.method == "GET":
+            continue
+        if request.method == "DELETE":
+            operations.append("release")
+        elif "AccountSid" in request.form:
+            operations.append("transfer")
+        elif request.form.get("Status") == "closed":
+            operations.append("close")
+    return sorted(operations)
+
+
+async def test_killed_after_any_step_the_rerun_ends_as_an_unbroken_run(
+    store: redis.Redis, valkey_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL after each step in turn; the rerun repeats no Twilio operation."""
+    env = {"CALLGATE_REDIS_URL": valkey_url}
+    data_dir = tmp_path / "data"
+    async with running_peers() as peers:
+        client = peers.twilio_rest.create_subaccount(peers.account, "client")
+        for index in range(12):
+            peers.twilio_rest.add_available(f"+1415555{index:04d}", "415")
+
+        def body(workspace: dict[str, Any]) -> dict[str, Any]:
+            moved = workspace["numbers"][1]
+            wish = {"action": "transfer", "to_account_sid": client.sid}
+            return {"grace_secs": 0, "numbers": {moved: wish}}
+
+        async def outcome(
+            callgate: CallgateProcess, workspace: dict[str, Any]
+        ) -> tuple[Any, ...]:
+            workspace_id = workspace["id"]
+            _, certificate = await callgate.api(
+                "GET", f"/workspaces/{workspace_id}/offboarding/certificate"
+            )
+            left = [k async for k in store.scan_iter(match=f"*{workspace_id}*")]
+            return (
+                certificate["deleted_keys"],
+                certificate["numbers"],
+                certificate["subaccount_closed"],
+                await _export_names(callgate, workspace_id),
+                _twilio_operations(peers.twilio_rest, workspace["twilio_account_sid"]),
+                [peers.twilio_rest.owner_of(n) for n in workspace["numbers"]],
+                left,
+            )
+
+        async with callgate_process(data_dir, peers, **env) as callgate:
+            reference = await _leaving_workspace(callgate, "reference")
+            path = f"/workspaces/{reference['id']}/offboarding"
+            status, _ = await callgate.api("POST", path, body(reference))
+            assert status == 202
+            final = await _state_when(store, reference["id"], {"done", "failed"})
+            assert final["status"] == "done", final
+            expected = await outcome(callgate, reference)
+        assert expected[4] == ["close", "release", "transfer"]
+        assert expected[5] == [None, client.sid]
+        assert expected[6] == []
+
+        for step in ("suspend", "export", "numbers", "revoke", "delete"):
+            async with callgate_process(data_dir, peers, **env) as callgate:
+                workspace = await _leaving_workspace(callgate, step)
+                path = f"/workspaces/{workspace['id']}/offboarding"
+                status, _ = await callgate.api(
+                    "POST", path, {**body(workspace), "pause_after": step}
+                )
+                assert status == 202
+                paused = await _state_when(store, workspace["id"], {"paused", "failed"})
+                assert list(paused["steps"])[-1] == step
+                callgate.process.send_signal(signal.SIGKILL)
+                await callgate.process.wait()
+            async with callgate_process(data_dir, peers, **env) as callgate:
+                status, _ = await callgate.api("POST", path, {})
+                assert status == 202
+                final = await _state_when(store, workspace["id"], {"done", "failed"})
+                assert final["status"] == "done", (step, final)
+                assert await outcome(callgate, workspace) == expected, step
