@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
+import redis.asyncio as redis
 
 from metering.ledger import Ledger
 from metering.plans import period_of
@@ -48,7 +49,7 @@ from tenancy.api import (
     workspace_document,
 )
 from tenancy.audit import Audit
-from tenancy.errors import UnknownNumberError, WorkspaceNotFoundError
+from tenancy.errors import StoreError, UnknownNumberError, WorkspaceNotFoundError
 from tenancy.keys import Keys
 from tenancy.logs import tenancy_logger
 from tenancy.numbers import Numbers
@@ -204,13 +205,17 @@ class Offboarding:
                 continue
             try:
                 await getattr(self, f"_step_{step}")(workspace_id, state)
-            except (TwilioApiError, OSError) as exc:
+            except (TwilioApiError, OSError, StoreError, redis.RedisError) as exc:
                 state["status"] = "failed"
                 state["error"] = f"{step}: {exc}"
-                await self._save(state)
                 tenancy_logger.warning(
                     "offboarding %s stopped at %s", workspace_id, step
                 )
+                try:
+                    await self._save(state)
+                except (StoreError, redis.RedisError):
+                    # Left "running" in the store: a restart resumes it.
+                    tenancy_logger.warning("could not record where it stopped")
                 return state
             state["steps"][step] = "done"
             if state.get("pause_after") == step and step != STEPS[-1]:

@@ -203,6 +203,10 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
     assert third["status"] == "done"
     assert len(callgate.twilio_rest.requests) == sent
 
+    # A's number now belongs to nobody here: a call to it is rejected, unbilled.
+    stray = await callgate.place(NUMBER_A, CALLER)
+    assert stray.first_verb == "Reject"
+
     # B's call carried audio throughout and still does.
     await talking.send_audio(split_frames(tone))
     await talking.wait_for_audio(len(tone), timeout_secs=5)
@@ -355,3 +359,39 @@ async def test_killed_after_any_step_the_rerun_ends_as_an_unbroken_run(
                 final = await _state_when(store, workspace["id"], {"done", "failed"})
                 assert final["status"] == "done", (step, final)
                 assert await outcome(callgate, workspace) == expected, step
+
+
+async def test_a_restarted_process_finishes_an_offboarding_killed_mid_grace(
+    store: redis.Redis, valkey_url: str, tmp_path: Path
+) -> None:
+    """Killed while waiting out a live call; the next process resumes by itself."""
+    env = {"CALLGATE_REDIS_URL": valkey_url, "CALLGATE_LEASE_MS": "2000"}
+    data_dir = tmp_path / "data"
+    async with running_peers() as peers:
+        async with callgate_process(data_dir, peers, **env) as callgate:
+            workspace_id = await callgate.tenant("alpha", NUMBER_A)
+            # With a plan, the call holds a lease the next process can sweep.
+            await callgate.put_plan(workspace_id, {"included_minutes": 60})
+            call = await callgate.twilio.place_call(NUMBER_A, CALLER)
+            peers.twilio_rest.register_call(call)
+            await call.open_stream()
+            status, started = await callgate.api(
+                "POST", f"/workspaces/{workspace_id}/offboarding", {"grace_secs": 1}
+            )
+            assert status == 202, started
+            callgate.process.send_signal(signal.SIGKILL)
+            await callgate.process.wait()
+        raw = await store.hget(keyspace.OFFBOARDINGS, workspace_id)
+        assert raw is not None
+        interrupted = orjson.loads(raw)
+        assert interrupted["status"] == "running"
+        assert "export" not in interrupted["steps"]
+        async with callgate_process(data_dir, peers, **env):
+            final = await _state_when(store, workspace_id, {"done", "failed"})
+        assert final["status"] == "done", final
+        # The call the dead process carried was hung up through Twilio.
+        hung_up = [
+            r for r in peers.twilio_rest.requests if r.form.get("Status") == "completed"
+        ]
+        assert any(call.sid in r.path for r in hung_up)
+        assert [k async for k in store.scan_iter(match=f"*{workspace_id}*")] == []
