@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := router media metering tenancy
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest tools bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,15 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
-pytest: $(VENV)/.dev-installed
+# promtool checks the alert rules; Debian's prometheus package carries it.
+tools:
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  apt-get install -y -q --no-install-recommends prometheus >/dev/null || \
+	  { apt-get update -q >/dev/null && \
+	    apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }
+
+pytest: $(VENV)/.dev-installed tools
 	$(BIN)/pytest
 
 test: lint typecheck pytest

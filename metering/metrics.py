@@ -65,6 +65,34 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.budget_included = Gauge(
+            "budget_included_seconds",
+            "The plan's included time this period, read from the store.",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.budget_allowance = Gauge(
+            "budget_allowance_seconds",
+            "The plan's hard cap this period (included plus allowed overage).",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.budget_used = Gauge(
+            "budget_used_seconds",
+            "Billed time used this period, read from the store.",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.budget_remaining = Gauge(
+            "budget_remaining_seconds",
+            "Time left under the hard cap this period (0 once past it).",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.store_up = Gauge(
             "store_up",
             "1 while this process's last report reached the store, else 0.",

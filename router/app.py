@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from media.retell import RetellClient
 from media.vapi import VapiClient
+from metering.budget_gauges import BudgetGauges
 from metering.journal import Journal
 from metering.ledger import Ledger
 from metering.meter import Meter
@@ -31,6 +32,7 @@ from router.store import EmbeddedValkey, connect, connect_cluster
 from router.tokens import StreamTokens
 from tenancy import access, api, manage, openapi
 from tenancy.audit import Audit
+from tenancy.errors import StoreError
 from tenancy.keys import Keys
 from tenancy.logs import access_logger, router_logger
 from tenancy.numbers import Numbers
@@ -44,6 +46,7 @@ from tenancy.vault import Vault
 from tenancy.workspaces import Workspaces
 
 STORE: web.AppKey[Store] = web.AppKey("store")
+BUDGET_GAUGES = web.AppKey("budget_gauges", BudgetGauges)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 EMBEDDED = web.AppKey("embedded", EmbeddedValkey)
 RECONCILER = web.AppKey("reconciler", Reconciler)
@@ -145,6 +148,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         after_secs=settings.reconcile_after_secs,
     )
     app[RECONCILER] = reconciler
+    app[BUDGET_GAUGES] = BudgetGauges(app[webhooks.METRICS], workspaces, quota)
     offboarding = Offboarding(
         store,
         workspaces,
@@ -229,6 +233,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text exposition."""
+    try:
+        await request.app[BUDGET_GAUGES].refresh()
+    except (StoreError, redis.RedisError):
+        # Still answer: the process's own counters matter most in an outage.
+        router_logger.warning("could not read budgets for /metrics")
     body = generate_latest(request.app[webhooks.METRICS].registry)
     response = web.Response(body=body)
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]

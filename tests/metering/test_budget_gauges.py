@@ -1,0 +1,66 @@
+"""Budget gauges come from the store, so two processes export the same values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import Harness, callgate_process
+from tests.peers.audio import split_frames, tone_mulaw
+
+NUMBER = "+15005550001"
+CALLER = "+14155550123"
+
+
+def _budget(text: str, workspace_id: str) -> dict[str, float]:
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("callgate_budget_") and (
+                sample.labels.get("workspace") == workspace_id
+            ):
+                values[sample.name] = sample.value
+    return values
+
+
+async def test_two_processes_export_the_budget_the_store_holds(
+    callgate: Harness, valkey_url: str, tmp_path: Path
+) -> None:
+    """After a call on one process, both scrape the same used and remaining time."""
+    alpha = await callgate.tenant("alpha", NUMBER)
+    status, _ = await callgate.api(
+        "PUT",
+        f"/workspaces/{alpha.workspace_id}/plan",
+        {"included_minutes": 2, "overage": "minutes", "overage_limit": 1},
+    )
+    assert status == 200
+    call, _ = await callgate.connected_call(NUMBER, CALLER)
+    tone = tone_mulaw(440, duration_ms=400)
+    await call.send_audio(split_frames(tone))
+    await call.wait_for_audio(len(tone), timeout_secs=5)
+    await call.hang_up()
+    await callgate.calls_settled()
+    _, usage = await callgate.api("GET", f"/workspaces/{alpha.workspace_id}/usage")
+    used_secs = usage["statement"]["billed_ms"] / 1000
+    assert used_secs > 0
+
+    async with callgate_process(
+        tmp_path / "other", CALLGATE_REDIS_URL=valkey_url
+    ) as other:
+        scraped = []
+        for base_url, http in (
+            (callgate.base_url, callgate.http),
+            (other.base_url, other.http),
+        ):
+            async with http.get(f"{base_url}/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+            scraped.append(_budget(text, alpha.workspace_id))
+    assert scraped[0] == scraped[1]
+    assert scraped[0] == {
+        "callgate_budget_included_seconds": 120.0,
+        "callgate_budget_allowance_seconds": 180.0,
+        "callgate_budget_used_seconds": used_secs,
+        "callgate_budget_remaining_seconds": 180.0 - used_secs,
+    }
