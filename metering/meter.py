@@ -73,6 +73,7 @@ class CallSession:
     seq: int = 0
     held_ms: int = 0
     exhausted: bool = False
+    exhausted_ns: int | None = None
     cutoff_reason: str = "budget"
     stranded: bool = False
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
@@ -210,6 +211,11 @@ class Meter:
         self._cancel_timer(session)
         self._metrics.calls_active.labels(session.workspace_id).dec()
         self._metrics.calls_ended.labels(session.workspace_id, reason).inc()
+        if session.exhausted_ns is not None and session.on_exhausted is not None:
+            # D in the overrun bound: from the budget running out to the call
+            # being over, hang-up through Twilio included.
+            latency_secs = (session.ended_ns - session.exhausted_ns) / 1e9
+            self._metrics.hangup_latency.observe(latency_secs)
         await self.flush([session])
 
     async def end_call(
@@ -469,6 +475,7 @@ class Meter:
         if session.exhausted or session.ended_ns is not None:
             return
         session.exhausted = True
+        session.exhausted_ns = self._clock()
         session.cutoff_reason = reason
         if session.on_exhausted is None:
             return

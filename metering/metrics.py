@@ -93,6 +93,13 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.hangup_latency = Histogram(
+            "hangup_latency_seconds",
+            "From a call's budget running out to the call being over (D).",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.store_up = Gauge(
             "store_up",
             "1 while this process's last report reached the store, else 0.",

@@ -148,6 +148,11 @@ async def test_budget_running_out_mid_call_ends_it_within_the_bound(
         )
         == 1
     )
+    # D, observed once: the hang-up took less than the 500 ms allowed above.
+    assert callgate.metric("callgate_hangup_latency_seconds_count", {}) == 1
+    latency = callgate.metric("callgate_hangup_latency_seconds_sum", {})
+    assert latency is not None
+    assert 0 < latency < 0.5
 
 
 async def test_sip_time_limit_is_what_the_budget_can_cover(callgate: Harness) -> None:
