@@ -449,6 +449,9 @@ class Meter:
             return
         session.held_ms = reply.held_ms
         session.stranded = False
+        self._metrics.grant_renewals.labels(
+            session.workspace_id, _renewal_outcome(reply, session.budget.grant_ms)
+        ).inc()
         if reply.state == "reclaimed":
             # The grant was taken back: this process was presumed dead.
             self._exhaust(session)
@@ -493,3 +496,12 @@ class Meter:
         ):
             session.ended_ns = self._clock()
             self._metrics.calls_active.labels(session.workspace_id).dec()
+
+
+def _renewal_outcome(reply: ReportAnswer, grant_ms: int) -> str:
+    """How a grant renewal went: full, partial, denied or reclaimed."""
+    if reply.state == "reclaimed":
+        return "reclaimed"
+    if reply.held_ms >= grant_ms:
+        return "full"
+    return "partial" if reply.held_ms > 0 else "denied"

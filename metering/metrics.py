@@ -100,6 +100,23 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.grant_renewals = Counter(
+            "grant_renewals",
+            "Grant renewals of live calls, by outcome: full, partial, denied, "
+            "reclaimed.",
+            ["workspace", "outcome"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.upstream_connect = Histogram(
+            "upstream_connect_seconds",
+            "Time to open a call on an agent platform (Vapi's call and socket, "
+            "Retell's registration), failures included.",
+            ["provider"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.store_up = Gauge(
             "store_up",
             "1 while this process's last report reached the store, else 0.",

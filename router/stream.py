@@ -265,15 +265,16 @@ async def _bridge(
     try:
         agent = await workspaces.get_agent(session.workspace_id, session.agent_id)
         api_key = await workspaces.agent_api_key(session.workspace_id, agent.id)
-        upstream = await app[VAPI].connect(
-            api_key=api_key,
-            assistant_id=agent.assistant_id,
-            metadata={
-                "callgate_workspace_id": session.workspace_id,
-                "twilio_call_sid": session.call_sid,
-            },
-            pcm16=agent.audio_format == "pcm16",
-        )
+        with metrics.upstream_connect.labels("vapi").time():
+            upstream = await app[VAPI].connect(
+                api_key=api_key,
+                assistant_id=agent.assistant_id,
+                metadata={
+                    "callgate_workspace_id": session.workspace_id,
+                    "twilio_call_sid": session.call_sid,
+                },
+                pcm16=agent.audio_format == "pcm16",
+            )
     except UpstreamError as exc:
         metrics.upstream_errors.labels("vapi", "connect").inc()
         log.warning("agent platform unavailable: %s", exc)

@@ -188,16 +188,17 @@ async def _route_to_retell(
     workspace = route.workspace
     try:
         api_key = await app[api.WORKSPACES].agent_api_key(workspace.id, route.agent.id)
-        call_id = await app[RETELL].register(
-            api_key=api_key,
-            agent_id=route.agent.assistant_id,
-            from_number=from_number,
-            to_number=route.number.e164,
-            metadata={
-                "callgate_workspace_id": workspace.id,
-                "twilio_call_sid": call_sid,
-            },
-        )
+        with app[METRICS].upstream_connect.labels("retell").time():
+            call_id = await app[RETELL].register(
+                api_key=api_key,
+                agent_id=route.agent.assistant_id,
+                from_number=from_number,
+                to_number=route.number.e164,
+                metadata={
+                    "callgate_workspace_id": workspace.id,
+                    "twilio_call_sid": call_sid,
+                },
+            )
         await app[api.LEDGER].set_fields(
             workspace.id, call_sid, {"provider": "retell", "provider_call_id": call_id}
         )

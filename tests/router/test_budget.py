@@ -148,6 +148,17 @@ async def test_budget_running_out_mid_call_ends_it_within_the_bound(
         )
         == 1
     )
+    renewals = {
+        outcome: callgate.metric(
+            "callgate_grant_renewals_total",
+            {"workspace": tenant.workspace_id, "outcome": outcome},
+        )
+        or 0
+        for outcome in ("full", "partial", "denied", "reclaimed")
+    }
+    # The last renewal came back short: that is what armed the cut-off timer.
+    assert renewals["partial"] + renewals["denied"] >= 1, renewals
+    assert renewals["reclaimed"] == 0
     # D, observed once: the hang-up took less than the 500 ms allowed above.
     assert callgate.metric("callgate_hangup_latency_seconds_count", {}) == 1
     latency = callgate.metric("callgate_hangup_latency_seconds_sum", {})

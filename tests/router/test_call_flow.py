@@ -106,6 +106,12 @@ async def test_call_reaches_its_workspaces_agent_and_is_metered(
         )
         is None
     )
+    # One Vapi call opened, and how long that took is on record.
+    connect = {"provider": "vapi"}
+    assert callgate.metric("callgate_upstream_connect_seconds_count", connect) == 1
+    connect_secs = callgate.metric("callgate_upstream_connect_seconds_sum", connect)
+    assert connect_secs is not None
+    assert 0 < connect_secs < 5
     keys = await _all_keys(store)
     assert not any(call.sid in key and tenant_b.workspace_id in key for key in keys)
 
