@@ -9,6 +9,7 @@ than fresh audio in a live conversation, and memory never grows without bound.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 
@@ -23,6 +24,9 @@ class Backlog:
         self._size = 0
         self._ready = asyncio.Event()
         self._closed = False
+        # When the oldest queued frame arrived, and for the last batch taken.
+        self._oldest_at = 0.0
+        self.taken_since = 0.0
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -34,6 +38,8 @@ class Backlog:
 
     def put(self, frame: bytes) -> int:
         """Queue ``frame``; return how many old frames were dropped to fit it."""
+        if not self._frames:
+            self._oldest_at = time.monotonic()
         self._frames.append(frame)
         self._size += len(frame)
         dropped = 0
@@ -66,11 +72,14 @@ class Backlog:
         """Wait for frames; return the generation and every frame queued.
 
         Returns an empty list once the backlog is closed and drained.
+        ``taken_since`` is then when the batch's first frame was queued (or,
+        after drops, an earlier frame that was dropped).
         """
         while not self._frames and not self._closed:
             self._ready.clear()
             await self._ready.wait()
         frames = list(self._frames)
+        self.taken_since = self._oldest_at
         self._frames.clear()
         self._size = 0
         return self.generation, frames

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -119,6 +120,8 @@ class Bridge:
         self._to_caller = Backlog(BACKLOG_LIMIT_BYTES)
         self._inbound = metrics.frames_relayed.labels("caller_to_agent")
         self._outbound = metrics.frames_relayed.labels("agent_to_caller")
+        self._latency_in = metrics.relay_latency.labels("caller_to_agent")
+        self._latency_out = metrics.relay_latency.labels("agent_to_caller")
         self._dropped_in = metrics.frames_dropped.labels("caller_to_agent")
         self._dropped_out = metrics.frames_dropped.labels("agent_to_caller")
         # Marks: name -> agent audio bytes sent before it.
@@ -265,6 +268,8 @@ class Bridge:
                     self._log.warning("agent platform dropped: %s", exc)
                     return EndReason.UPSTREAM_FAILED
             self._inbound.inc(len(batch))
+            if batch:
+                self._latency_in.observe(time.monotonic() - self._to_agent.taken_since)
 
     async def _read_agent(self) -> EndReason:
         """The agent platform: its audio, barge-in, transfers, its hang-up."""
@@ -314,6 +319,7 @@ class Bridge:
                 self._sent_bytes += len(payload)
                 if self._recorder is not None:
                     self._recorder.agent(payload)
+            self._latency_out.observe(time.monotonic() - self._to_caller.taken_since)
             if self._sent_bytes - self._bytes_at_last_mark >= MARK_EVERY_BYTES:
                 await self._send_mark()
 

@@ -117,6 +117,15 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.relay_latency = Histogram(
+            "relay_latency_seconds",
+            "Per batch written, how long its oldest frame waited in Callgate "
+            "from being read on one side to being written on the other.",
+            ["direction"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.store_up = Gauge(
             "store_up",
             "1 while this process's last report reached the store, else 0.",

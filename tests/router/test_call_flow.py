@@ -112,6 +112,13 @@ async def test_call_reaches_its_workspaces_agent_and_is_metered(
     connect_secs = callgate.metric("callgate_upstream_connect_seconds_sum", connect)
     assert connect_secs is not None
     assert 0 < connect_secs < 5
+    for direction in ("caller_to_agent", "agent_to_caller"):
+        labels = {"direction": direction}
+        batches = callgate.metric("callgate_relay_latency_seconds_count", labels)
+        waited = callgate.metric("callgate_relay_latency_seconds_sum", labels)
+        assert batches, direction
+        assert waited is not None
+        assert 0 <= waited / batches < 0.05, direction
     keys = await _all_keys(store)
     assert not any(call.sid in key and tenant_b.workspace_id in key for key in keys)
 
