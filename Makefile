@@ -28,10 +28,11 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
-# promtool checks the alert rules; Debian's prometheus package carries it.
+# promtool checks the alert rules and a real Prometheus runs the dashboards'
+# queries; Debian's prometheus package carries both.
 tools:
-	@command -v promtool >/dev/null || { \
-	  echo "installing promtool (Debian package prometheus)"; \
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing prometheus and promtool (Debian package prometheus)"; \
 	  apt-get install -y -q --no-install-recommends prometheus >/dev/null || \
 	  { apt-get update -q >/dev/null && \
 	    apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }
