@@ -71,9 +71,13 @@ def workspace_prefix(workspace_id: str) -> str:
     return f"{PREFIX}:{{ws:{workspace_id}}}"
 
 
-def workspace_pattern(workspace_id: str) -> str:
-    """A ``SCAN MATCH`` pattern for every key of one workspace."""
-    return workspace_prefix(workspace_id).replace("{", "\\{").replace("}", "\\}") + ":*"
+def workspace_pattern(workspace_id: str, kind: str = "") -> str:
+    """A ``SCAN MATCH`` pattern for a workspace's keys, or those of one kind.
+
+    ``kind="usage"`` matches the usage hash of every period.
+    """
+    escaped = workspace_prefix(workspace_id).replace("{", "\\{").replace("}", "\\}")
+    return f"{escaped}:{kind}:*" if kind else f"{escaped}:*"
 
 
 def workspace(workspace_id: str) -> str:

@@ -230,26 +230,39 @@ class Offboarding:
 
     async def _step_suspend(self, workspace_id: str, state: dict[str, Any]) -> None:
         await self._workspaces.set_status(workspace_id, "suspended")
+        # Suspended, the workspace admits no new call: only those open now can
+        # be live, so the grace period watches them rather than every record.
+        open_calls = []
+        for call_sid in texts(
+            await self._store.zrange(keyspace.calls(workspace_id), 0, -1)
+        ):
+            record = await self._ledger.get_call(workspace_id, call_sid)
+            if record.ended_at_ms is None:
+                open_calls.append(call_sid)
         deadline = state["started_at_ms"] + state["grace_secs"] * 1000
-        await self._until_no_live_calls(workspace_id, deadline)
-        for call_sid, account_sid in await self._live_calls(workspace_id):
+        await self._until_no_live_calls(workspace_id, open_calls, deadline)
+        for call_sid, account_sid in await self._live_calls(workspace_id, open_calls):
             try:
                 await self._twilio.complete(account_sid, call_sid)
             except TwilioApiError:
                 tenancy_logger.warning("could not end call %s", call_sid)
         # The calls settle (their last writes land) before anything is exported.
-        await self._until_no_live_calls(workspace_id, now_ms() + _SETTLE_MS)
+        await self._until_no_live_calls(workspace_id, open_calls, now_ms() + _SETTLE_MS)
 
-    async def _until_no_live_calls(self, workspace_id: str, deadline_ms: int) -> None:
+    async def _until_no_live_calls(
+        self, workspace_id: str, among: list[str], deadline_ms: int
+    ) -> None:
         while now_ms() < deadline_ms:
-            if not await self._live_calls(workspace_id):
+            if not await self._live_calls(workspace_id, among):
                 return
             await asyncio.sleep(_GRACE_CHECK_SECS)
 
-    async def _live_calls(self, workspace_id: str) -> list[tuple[str, str]]:
+    async def _live_calls(
+        self, workspace_id: str, among: list[str]
+    ) -> list[tuple[str, str]]:
+        """Calls of ``among`` that started and have not ended, with their account."""
         live = []
-        sids = texts(await self._store.zrange(keyspace.calls(workspace_id), 0, -1))
-        for call_sid in sids:
+        for call_sid in among:
             record = await self._ledger.get_call(workspace_id, call_sid)
             if record.ended_at_ms is None and record.started_at_ms is not None:
                 account = record.account_sid or self._twilio.main_account_sid or ""
@@ -291,7 +304,9 @@ class Offboarding:
         prefix = keyspace.workspace_prefix(workspace_id) + ":usage:"
         periods = {
             text(name).removeprefix(prefix)
-            async for name in self._store.scan_iter(match=_escape(prefix) + "*")
+            async for name in self._store.scan_iter(
+                match=keyspace.workspace_pattern(workspace_id, "usage")
+            )
         }
         usage = {}
         for period in sorted(periods | {current}):
@@ -409,10 +424,6 @@ class Offboarding:
         await self._store.hset(
             keyspace.OFFBOARDINGS, state["workspace_id"], orjson.dumps(state)
         )
-
-
-def _escape(pattern: str) -> str:
-    return pattern.replace("{", "\\{").replace("}", "\\}")
 
 
 def _statement_html(name: str, final: dict[str, Any]) -> str:

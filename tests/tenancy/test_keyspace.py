@@ -43,3 +43,12 @@ def test_keys_refuse_identifiers_that_could_escape(build: object) -> None:
     assert callable(build)
     with pytest.raises(InvalidInputError):
         build()
+
+
+def test_scan_patterns_match_literal_braces_and_one_kind() -> None:
+    """The hash tag's braces are escaped; a kind narrows the pattern to its keys."""
+    workspace_id = "ws_" + "a" * 16
+    assert keyspace.workspace_pattern(workspace_id) == f"cg:\\{{ws:{workspace_id}\\}}:*"
+    assert keyspace.workspace_pattern(workspace_id, "usage") == (
+        f"cg:\\{{ws:{workspace_id}\\}}:usage:*"
+    )
