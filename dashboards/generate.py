@@ -44,7 +44,7 @@ def _panel(
 
 
 def overview() -> dashboard.Dashboard:
-    """Every client at once: minutes, live calls, burn-down, refusals, latency."""
+    """Every client: minutes, live calls, burn-down, refusals, money, latency."""
     return (
         dashboard.Dashboard("Callgate: clients")
         .uid("callgate-overview")
@@ -96,6 +96,19 @@ def overview() -> dashboard.Dashboard:
                         "(rate(callgate_admissions_rejected_total[5m]))",
                         "{{workspace}} {{reason}}",
                     )
+                ],
+            )
+        )
+        .with_panel(
+            _panel(
+                "Price, cost and margin this period, per client",
+                "short",
+                [
+                    (
+                        f"max by (workspace, currency) (callgate_period_{kind})",
+                        f"{{{{workspace}}}} {kind} ({{{{currency}}}})",
+                    )
+                    for kind in ("price", "cost", "margin")
                 ],
             )
         )
@@ -157,6 +170,19 @@ def workspace() -> dashboard.Dashboard:
                         f"max(callgate_budget_allowance_seconds{{{WORKSPACE}}}) / 60",
                         "hard cap",
                     ),
+                ],
+            )
+        )
+        .with_panel(
+            _panel(
+                "Price, cost and margin this period",
+                "short",
+                [
+                    (
+                        f"max by (currency) (callgate_period_{kind}{{{WORKSPACE}}})",
+                        f"{kind} ({{{{currency}}}})",
+                    )
+                    for kind in ("price", "cost", "margin")
                 ],
             )
         )

@@ -1,8 +1,10 @@
-"""Budget gauges read from the store, so every process exports the same values.
+"""Budget and money gauges read from the store, so every process exports the same.
 
-Counters are per process and sum in PromQL, but a budget is one number per
-workspace however many processes serve it. Each scrape reads it from the
-store, at most once per ``max_age_secs``, and sets the gauges from that.
+Counters are per process and sum in PromQL, but a budget (or a period's price,
+cost and margin) is one number per workspace however many processes serve it.
+Each scrape reads them from the store, at most once per ``max_age_secs``, and
+sets the gauges from that. The money gauges are the period's statement, as
+``GET /workspaces/{id}/usage`` reports it, in units of the plan's currency.
 """
 
 from __future__ import annotations
@@ -10,25 +12,30 @@ from __future__ import annotations
 import asyncio
 import time
 
+from prometheus_client import Gauge
+
+from metering.ledger import Ledger
 from metering.metrics import Metrics
-from metering.plans import MS_PER_MINUTE, hard_cap_ms, period_of
+from metering.plans import MS_PER_MINUTE, hard_cap_ms, period_of, statement
 from metering.quota import Quota
 from tenancy.workspaces import Workspaces, now_ms
 
 
 class BudgetGauges:
-    """Sets the ``callgate_budget_*`` gauges of every workspace with a plan."""
+    """Sets the budget and ``callgate_period_*`` gauges of workspaces with a plan."""
 
     def __init__(
         self,
         metrics: Metrics,
         workspaces: Workspaces,
         quota: Quota,
+        ledger: Ledger,
         max_age_secs: float = 5.0,
     ) -> None:
         self._metrics = metrics
         self._workspaces = workspaces
         self._quota = quota
+        self._ledger = ledger
         self._max_age_secs = max_age_secs
         self._read_at: float | None = None
         self._lock = asyncio.Lock()
@@ -39,7 +46,8 @@ class BudgetGauges:
             now = time.monotonic()
             if self._read_at is not None and now - self._read_at < self._max_age_secs:
                 return
-            values: dict[str, tuple[float, float, float, float]] = {}
+            times: dict[str, tuple[float, ...]] = {}
+            money: dict[tuple[str, ...], tuple[float, ...]] = {}
             for workspace in await self._workspaces.all():
                 plan = await self._workspaces.plan(workspace.id)
                 if plan is None:
@@ -47,23 +55,43 @@ class BudgetGauges:
                 period = period_of(now_ms(), plan.timezone).label
                 state = await self._quota.state(workspace.id, period)
                 allowance_ms = hard_cap_ms(plan)
-                values[workspace.id] = (
+                times[workspace.id] = (
                     plan.included_minutes * MS_PER_MINUTE / 1000,
                     allowance_ms / 1000,
                     state.used_ms / 1000,
                     max(0, allowance_ms - state.used_ms) / 1000,
                 )
+                usage = await self._ledger.usage(workspace.id, period)
+                bill = statement(plan, state.used_ms, usage.cost_micros)
+                money[workspace.id, plan.currency] = (
+                    bill.price_micros / 1e6,
+                    bill.cost_micros / 1e6,
+                    bill.margin_micros / 1e6,
+                )
             metrics = self._metrics
-            gauges = (
-                metrics.budget_included,
-                metrics.budget_allowance,
-                metrics.budget_used,
-                metrics.budget_remaining,
+            _publish(
+                (
+                    metrics.budget_included,
+                    metrics.budget_allowance,
+                    metrics.budget_used,
+                    metrics.budget_remaining,
+                ),
+                {(workspace_id,): values for workspace_id, values in times.items()},
             )
-            # A workspace deleted since the last read disappears from the scrape.
-            for gauge in gauges:
-                gauge.clear()
-            for workspace_id, numbers in values.items():
-                for gauge, value in zip(gauges, numbers, strict=True):
-                    gauge.labels(workspace_id).set(value)
+            _publish(
+                (metrics.period_price, metrics.period_cost, metrics.period_margin),
+                money,
+            )
             self._read_at = time.monotonic()
+
+
+def _publish(
+    gauges: tuple[Gauge, ...], values: dict[tuple[str, ...], tuple[float, ...]]
+) -> None:
+    # A workspace deleted since the last read disappears from the scrape, and
+    # one whose plan changed currency keeps no series under the old one.
+    for gauge in gauges:
+        gauge.clear()
+    for labels, numbers in values.items():
+        for gauge, value in zip(gauges, numbers, strict=True):
+            gauge.labels(*labels).set(value)

@@ -93,6 +93,28 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        money = "in the currency label's units, read from the store"
+        self.period_price = Gauge(
+            "period_price",
+            f"Charged to the client this period (base fee and overage), {money}.",
+            ["workspace", "currency"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.period_cost = Gauge(
+            "period_cost",
+            f"Cost to serve this period's settled calls, by the rate card, {money}.",
+            ["workspace", "currency"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
+        self.period_margin = Gauge(
+            "period_margin",
+            f"Price less cost this period (negative when losing money), {money}.",
+            ["workspace", "currency"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.hangup_latency = Histogram(
             "hangup_latency_seconds",
             "From a call's budget running out to the call being over (D).",

@@ -148,7 +148,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         after_secs=settings.reconcile_after_secs,
     )
     app[RECONCILER] = reconciler
-    app[BUDGET_GAUGES] = BudgetGauges(app[webhooks.METRICS], workspaces, quota)
+    app[BUDGET_GAUGES] = BudgetGauges(app[webhooks.METRICS], workspaces, quota, ledger)
     offboarding = Offboarding(
         store,
         workspaces,

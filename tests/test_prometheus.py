@@ -152,27 +152,42 @@ async def test_every_dashboard_query_answers_from_a_real_prometheus(
         await held.hang_up()
 
         expected: dict[str, float] = {}
-        for workspace_id in (alpha, bravo):
+        expected_cost: dict[str, float] = {}
+        # Alpha made one call; bravo made two (the refused one never connected).
+        for workspace_id, calls in ((alpha, 1), (bravo, 2)):
 
-            async def settled(workspace_id: str = workspace_id) -> bool:
+            async def settled(
+                workspace_id: str = workspace_id, calls: int = calls
+            ) -> bool:
                 usage = await first.usage(workspace_id)
-                return usage["calls"] >= 1 and usage["statement"] is not None
+                return usage["calls"] == calls and usage["statement"] is not None
 
             await _until(settled, "calls settled")
         for workspace_id in (alpha, bravo):
             usage = await first.usage(workspace_id)
             expected[workspace_id] = usage["statement"]["billed_ms"] / 60_000
+            expected_cost[workspace_id] = usage["statement"]["cost_micros"] / 1e6
+            assert expected_cost[workspace_id] > 0
 
         minutes = "max by (workspace) (callgate_budget_used_seconds) / 60"
+        cost = "max by (workspace) (callgate_period_cost)"
 
         async def caught_up() -> bool:
             got = {
                 r["metric"]["workspace"]: float(r["value"][1])
                 for r in await query(minutes)
             }
-            return all(abs(got.get(w, -1) - m) < 1e-9 for w, m in expected.items())
+            spent = {
+                r["metric"]["workspace"]: float(r["value"][1])
+                for r in await query(cost)
+            }
+            return all(
+                abs(got.get(w, -1) - m) < 1e-9
+                and abs(spent.get(w, -1) - expected_cost[w]) < 1e-9
+                for w, m in expected.items()
+            )
 
-        await _until(caught_up, "prometheus has the final usage")
+        await _until(caught_up, "prometheus has the final usage and cost")
         for expr in _panel_queries():
             dashboard_expr = expr.replace("$workspace", alpha)
 

@@ -17,22 +17,30 @@ def _budget(text: str, workspace_id: str) -> dict[str, float]:
     values = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("callgate_budget_") and (
-                sample.labels.get("workspace") == workspace_id
-            ):
+            if sample.labels.get("workspace") != workspace_id:
+                continue
+            if sample.name.startswith("callgate_budget_"):
                 values[sample.name] = sample.value
+            elif sample.name.startswith("callgate_period_"):
+                values[f"{sample.name} {sample.labels['currency']}"] = sample.value
     return values
 
 
 async def test_two_processes_export_the_budget_the_store_holds(
     callgate: Harness, valkey_url: str, tmp_path: Path
 ) -> None:
-    """After a call on one process, both scrape the same used and remaining time."""
+    """After a call on one process, both scrape the same time and money."""
     alpha = await callgate.tenant("alpha", NUMBER)
     status, _ = await callgate.api(
         "PUT",
         f"/workspaces/{alpha.workspace_id}/plan",
-        {"included_minutes": 2, "overage": "minutes", "overage_limit": 1},
+        {
+            "included_minutes": 2,
+            "overage": "minutes",
+            "overage_limit": 1,
+            "base_fee_micros": 5_000_000,
+            "currency": "EUR",
+        },
     )
     assert status == 200
     call, _ = await callgate.connected_call(NUMBER, CALLER)
@@ -42,8 +50,10 @@ async def test_two_processes_export_the_budget_the_store_holds(
     await call.hang_up()
     await callgate.calls_settled()
     _, usage = await callgate.api("GET", f"/workspaces/{alpha.workspace_id}/usage")
-    used_secs = usage["statement"]["billed_ms"] / 1000
+    bill = usage["statement"]
+    used_secs = bill["billed_ms"] / 1000
     assert used_secs > 0
+    assert bill["cost_micros"] > 0
 
     async with callgate_process(
         tmp_path / "other", CALLGATE_REDIS_URL=valkey_url
@@ -63,4 +73,8 @@ async def test_two_processes_export_the_budget_the_store_holds(
         "callgate_budget_allowance_seconds": 180.0,
         "callgate_budget_used_seconds": used_secs,
         "callgate_budget_remaining_seconds": 180.0 - used_secs,
+        "callgate_period_price EUR": 5.0,
+        "callgate_period_cost EUR": bill["cost_micros"] / 1e6,
+        "callgate_period_margin EUR": bill["margin_micros"] / 1e6,
     }
+    assert bill["price_micros"] == 5_000_000
