@@ -75,6 +75,7 @@ class CallSession:
     exhausted: bool = False
     exhausted_ns: int | None = None
     cutoff_reason: str = "budget"
+    cut_by_budget: bool = False
     stranded: bool = False
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -444,6 +445,8 @@ class Meter:
             return
         if finished:
             self._sessions.pop(session.call_sid, None)
+            if session.cut_by_budget:
+                self._spawn(self._record_cutoff(session))
             return
         if session.budget is None:
             return
@@ -466,7 +469,35 @@ class Meter:
         """Final units: fire the exhaustion callback when ``held_ms`` runs out."""
         self._cancel_timer(session)
         loop = asyncio.get_running_loop()
-        session._timer = loop.call_later(held_ms / 1000, self._exhaust, session, reason)
+        session._timer = loop.call_later(
+            held_ms / 1000, self._units_spent, session, reason
+        )
+
+    def _units_spent(self, session: CallSession, reason: str) -> None:
+        """The final units ran out: end the call, and if the budget did it, say so."""
+        if session.exhausted or session.ended_ns is not None:
+            return
+        self._exhaust(session, reason)
+        # Recorded once the call's final report is in, so that the period's
+        # threshold events that report crosses come before the cut-off.
+        session.cut_by_budget = reason == "budget" and session.budget is not None
+
+    async def _record_cutoff(self, session: CallSession) -> None:
+        try:
+            await self._quota.cut_off(
+                session.workspace_id, session.period, now_ms(), "call_ended"
+            )
+        except redis.RedisError:
+            # The next refusal or cut-off of the period records it instead.
+            metering_logger.warning(
+                "could not record the budget cut-off of workspace %s",
+                session.workspace_id,
+            )
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
 
     def _cancel_timer(self, session: CallSession) -> None:
         if session._timer is not None:
@@ -483,11 +514,7 @@ class Meter:
         if session.on_exhausted is None:
             return
         self._metrics.budget_cutoffs.labels(session.workspace_id).inc()
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
-            session.on_exhausted(session)
-        )
-        self._callbacks.add(task)
-        task.add_done_callback(self._callbacks.discard)
+        self._spawn(session.on_exhausted(session))
 
     def _forget(self, session: CallSession) -> None:
         self._cancel_timer(session)

@@ -115,6 +115,14 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.webhook_deliveries = Counter(
+            "budget_webhook_deliveries",
+            "Budget event deliveries to webhooks, by target (workspace, operator) "
+            "and outcome (delivered, failed).",
+            ["workspace", "target", "outcome"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         self.hangup_latency = Histogram(
             "hangup_latency_seconds",
             "From a call's budget running out to the call being over (D).",

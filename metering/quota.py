@@ -12,6 +12,7 @@ runs unchanged on Redis Cluster.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal
@@ -27,9 +28,13 @@ Refusal = Literal["concurrency", "budget"]
 ReportState = Literal["ok", "settled", "reclaimed", "closed"]
 
 
+def _lua(name: str) -> str:
+    return files("metering").joinpath("lua", f"{name}.lua").read_text("utf-8")
+
+
 def _script(store: Store, name: str) -> AsyncScript:
-    source = files("metering").joinpath("lua", f"{name}.lua").read_text("utf-8")
-    return store.register_script(source)
+    # Every script here may append budget events, so each carries their code.
+    return store.register_script(_lua("events") + "\n" + _lua(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,7 @@ class Admission:
     granted_ms: int
     refused: Refusal | None = None
     available_ms: int = 0
+    events: int = 0
 
     @property
     def admitted(self) -> bool:
@@ -54,6 +60,7 @@ class ReportAnswer:
     held_ms: int
     state: ReportState
     added_ms: int
+    events: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +117,13 @@ class Quota:
         self._admit = _script(store, "admit")
         self._report = _script(store, "report")
         self._reclaim = _script(store, "reclaim")
+        self._cutoff = _script(store, "cutoff")
+        # Told the workspace's id whenever a script appended budget events.
+        self.on_events: Callable[[str], Awaitable[None]] | None = None
+
+    async def _announce(self, workspace_id: str, events: int) -> None:
+        if events > 0 and self.on_events is not None:
+            await self.on_events(workspace_id)
 
     async def admit(
         self,
@@ -131,6 +145,7 @@ class Quota:
                 keyspace.quota(workspace_id, period),
                 keyspace.grant(workspace_id, call_sid),
                 keyspace.leases(workspace_id),
+                keyspace.budget_events(workspace_id),
             ],
             args=[
                 now_ms,
@@ -145,9 +160,12 @@ class Quota:
             ],
         )
         admitted, granted, reason = int(reply[0]), int(reply[1]), text(reply[2])
+        events = int(reply[4])
+        await self._announce(workspace_id, events)
         if admitted:
-            return Admission(granted_ms=granted, available_ms=int(reply[3]))
-        return Admission(0, "concurrency" if reason == "concurrency" else "budget")
+            return Admission(granted, available_ms=int(reply[3]), events=events)
+        refused: Refusal = "concurrency" if reason == "concurrency" else "budget"
+        return Admission(0, refused, events=events)
 
     async def queue_report(self, pipe: redis.client.Pipeline, report: Report) -> None:
         """Queue ``report`` on ``pipe``; parse its reply with :func:`answer`."""
@@ -165,24 +183,54 @@ class Quota:
         each to its workspace's slot.
         """
         if self._clustered:
-            replies = await asyncio.gather(
+            raw = await asyncio.gather(
                 *(self._report_now(report) for report in reports),
                 return_exceptions=True,
             )
-            return [r if isinstance(r, BaseException) else answer(r) for r in replies]
-        assert isinstance(self._store, redis.Redis)
-        async with self._store.pipeline(transaction=False) as pipe:
-            for report in reports:
-                await self.queue_report(pipe, report)
-            raw = await pipe.execute(raise_on_error=False)
-        return [r if isinstance(r, BaseException) else answer(r) for r in raw]
+        else:
+            assert isinstance(self._store, redis.Redis)
+            async with self._store.pipeline(transaction=False) as pipe:
+                for report in reports:
+                    await self.queue_report(pipe, report)
+                raw = await pipe.execute(raise_on_error=False)
+        answers = [r if isinstance(r, BaseException) else answer(r) for r in raw]
+        announced = {
+            report.workspace_id
+            for report, reply in zip(reports, answers, strict=True)
+            if isinstance(reply, ReportAnswer) and reply.events > 0
+        }
+        for workspace_id in sorted(announced):
+            await self._announce(workspace_id, 1)
+        return answers
 
     async def _report_now(self, report: Report) -> Any:
         return await self._report(keys=_report_keys(report), args=_report_args(report))
 
     async def report(self, report: Report) -> ReportAnswer:
         """Send one report on its own (tests and settlement outside a batch)."""
-        return answer(await self._report_now(report))
+        reply = answer(await self._report_now(report))
+        await self._announce(report.workspace_id, reply.events)
+        return reply
+
+    async def cut_off(
+        self, workspace_id: str, period: str, now_ms: int, reason: str
+    ) -> int:
+        """Record the period's cut-off event unless it has one; return 1 if new.
+
+        The meter calls this when a call's final units run out; admission
+        records refusals for budget itself.
+        """
+        events = int(
+            await self._cutoff(
+                keys=[
+                    keyspace.quota(workspace_id, period),
+                    keyspace.budget_events(workspace_id),
+                ],
+                args=[period, now_ms, reason],
+            )
+        )
+        await self._announce(workspace_id, events)
+        return events
 
     async def set_limit(self, workspace_id: str, period: str, limit_ms: int) -> None:
         """Set the period's hard cap; running calls follow it at their next report."""
@@ -255,6 +303,7 @@ def _report_keys(report: Report) -> list[str]:
         keyspace.usage(workspace_id, report.period),
         keyspace.usage(workspace_id, report.day),
         keyspace.unreconciled(workspace_id),
+        keyspace.budget_events(workspace_id),
     ]
 
 
@@ -273,6 +322,7 @@ def _report_args(report: Report) -> list[str | int]:
         report.billable_extra_ms,
         report.call_sid,
         report.cost_micros,
+        report.period,
     ]
 
 
@@ -290,4 +340,5 @@ def answer(reply: Any) -> ReportAnswer:
         held_ms=int(reply[1]),
         state=_STATES.get(text(reply[2]), "closed"),
         added_ms=int(reply[3]),
+        events=int(reply[4]),
     )

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from media.retell import RetellClient
 from media.vapi import VapiClient
 from metering.budget_gauges import BudgetGauges
+from metering.delivery import Dispatcher
 from metering.journal import Journal
 from metering.ledger import Ledger
 from metering.meter import Meter
@@ -30,9 +31,10 @@ from router.settings import Settings
 from router.signatures import TwilioSigner
 from router.store import EmbeddedValkey, connect, connect_cluster
 from router.tokens import StreamTokens
-from tenancy import access, api, manage, openapi
+from tenancy import access, api, hook_api, manage, openapi
 from tenancy.audit import Audit
 from tenancy.errors import StoreError
+from tenancy.hooks import Webhooks
 from tenancy.keys import Keys
 from tenancy.logs import access_logger, router_logger
 from tenancy.numbers import Numbers
@@ -53,7 +55,7 @@ RECONCILER = web.AppKey("reconciler", Reconciler)
 
 _MAX_BODY_BYTES = 256 * 1024
 # Imported for the operator API endpoints they declare (tenancy.access).
-ENDPOINT_MODULES = (api, manage, openapi)
+ENDPOINT_MODULES = (api, manage, hook_api, openapi)
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
@@ -161,13 +163,31 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         settings.data_dir,
     )
     app[manage.OFFBOARDING] = offboarding
+    webhooks_registry = Webhooks(store, vault)
+    app[hook_api.WEBHOOKS] = webhooks_registry
+    # Its own client session: a slow receiver never holds a connection that a
+    # call to an agent platform is waiting for.
+    hook_http = aiohttp.ClientSession()
+    dispatcher = Dispatcher(
+        store,
+        webhooks_registry,
+        app[webhooks.METRICS],
+        hook_http,
+        retry_secs=settings.webhook_retry_secs,
+        retry_max_secs=settings.webhook_retry_max_secs,
+        timeout_secs=settings.webhook_timeout_secs,
+    )
+    quota.on_events = dispatcher.wake
     meter.start()
     sweeper.start()
     reconciler.start()
+    dispatcher.start()
     await offboarding.resume_interrupted()
     try:
         yield
     finally:
+        await dispatcher.close()
+        await hook_http.close()
         await offboarding.close()
         await reconciler.close()
         await sweeper.close()

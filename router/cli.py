@@ -21,6 +21,7 @@ from aiohttp import web
 from router.app import create_app, runner, shut_down
 from router.operator_client import (
     AGENT_COLUMNS,
+    BUDGET_EVENT_COLUMNS,
     CALL_COLUMNS,
     KEY_COLUMNS,
     NUMBER_COLUMNS,
@@ -160,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     add_number_commands(commands, common)
     add_plan_commands(commands, common)
     add_key_commands(commands, common)
+    add_webhook_commands(commands, common)
 
     usage_command = leaf(commands, "usage", "metered time of a period", common)
     usage_command.add_argument(
@@ -483,6 +485,57 @@ def add_key_commands(commands: Commands, common: argparse.ArgumentParser) -> Non
     revoke.set_defaults(
         build=lambda args: Request("DELETE", workspace_path(args, "keys", args.key_id)),
         render=row(KEY_COLUMNS),
+    )
+
+
+def add_webhook_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
+    """``callgate webhook set|show|remove`` and ``callgate budget-events``."""
+    hooks = group(
+        commands, "webhook", "budget webhooks: one per workspace, or one for all"
+    )
+    scope = argparse.ArgumentParser(add_help=False)
+    scope.add_argument(
+        "--workspace",
+        metavar="ID",
+        help="the workspace's own webhook (default: the one for every workspace)",
+    )
+
+    def path(args: argparse.Namespace) -> str:
+        if args.workspace:
+            return workspace_path(args, "webhook")
+        return api_path("webhook")
+
+    put = hooks.add_parser(
+        "set",
+        help="register or replace a webhook; a new secret is shown once",
+        parents=[scope, common],
+    )
+    # Not "url": that is the server's address, from the connection options.
+    put.add_argument("webhook_url", metavar="URL")
+    put.add_argument(
+        "--rotate-secret", action="store_true", help="replace the signing secret"
+    )
+    put.set_defaults(
+        build=lambda args: Request(
+            "PUT",
+            path(args),
+            {"url": args.webhook_url, "rotate_secret": args.rotate_secret},
+        ),
+        render=record,
+    )
+    show = hooks.add_parser(
+        "show", help="a webhook and its deliveries", parents=[scope, common]
+    )
+    show.set_defaults(build=lambda args: Request("GET", path(args)), render=record)
+    remove = hooks.add_parser(
+        "remove", help="stop sending events to a webhook", parents=[scope, common]
+    )
+    remove.set_defaults(build=lambda args: Request("DELETE", path(args)), render=record)
+
+    events = leaf(commands, "budget-events", "a workspace's budget events", common)
+    events.set_defaults(
+        build=lambda args: Request("GET", workspace_path(args, "budget-events")),
+        render=rows(BUDGET_EVENT_COLUMNS),
     )
 
 

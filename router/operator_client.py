@@ -307,6 +307,13 @@ KEY_COLUMNS = (
     Column("LAST USED", "last_used_at", moment),
     Column("REVOKED", "revoked_at", moment),
 )
+BUDGET_EVENT_COLUMNS = (
+    Column("ID", "id"),
+    Column("TYPE", "type"),
+    Column("AT", "timestamp", moment),
+    Column("USED MS", "data", lambda data: cell(data.get("used_ms"))),
+    Column("DELIVERED TO", "delivered_to"),
+)
 _USAGE_COLUMNS = (Column("SECONDS", "seconds"), Column("CALLS", "calls"))
 
 

@@ -51,6 +51,12 @@ class Settings:
     lease_ms: int
     rates: RateCard
     reconcile_after_secs: int
+    # Budget webhooks: the first retry waits webhook_retry_secs, each next one
+    # twice as long, up to webhook_retry_max_secs; one attempt may take
+    # webhook_timeout_secs.
+    webhook_retry_secs: float = 5.0
+    webhook_retry_max_secs: float = 3600.0
+    webhook_timeout_secs: float = 10.0
     generated_key_files: tuple[Path, ...] = ()
 
     @property
@@ -152,6 +158,18 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
                 env, "CALLGATE_RATE_RETELL_MICROS_PER_MIN", 70_000, 0, 10**9
             ),
         ),
+        webhook_retry_secs=_integer(
+            env, "CALLGATE_WEBHOOK_RETRY_MS", 5_000, 10, 3_600_000
+        )
+        / 1000,
+        webhook_retry_max_secs=_integer(
+            env, "CALLGATE_WEBHOOK_RETRY_MAX_MS", 3_600_000, 10, 86_400_000
+        )
+        / 1000,
+        webhook_timeout_secs=_integer(
+            env, "CALLGATE_WEBHOOK_TIMEOUT_MS", 10_000, 100, 60_000
+        )
+        / 1000,
         generated_key_files=tuple(generated),
     )
 

@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from metering.budget_events import iso_ms
 from metering.ledger import CallRecord, Ledger, Usage
 from metering.plans import Plan, hard_cap_ms, period_of, statement
 from metering.quota import Quota
@@ -139,10 +140,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 def iso(epoch_ms: int | None) -> str | None:
-    if epoch_ms is None:
-        return None
-    moment = dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if epoch_ms is None else iso_ms(epoch_ms)
 
 
 def workspace_document(workspace: Workspace) -> dict[str, Any]:

@@ -18,6 +18,12 @@ Global keys, the only ones outside a workspace:
 ``cg:certificates``
     hash from a deleted workspace's id to its deletion certificate (counts,
     times and the export's hash; no personal data).
+``cg:webhook``
+    hash: the operator's budget webhook for every workspace (URL, sealed
+    signing secret, registration time).
+``cg:webhooks_due``
+    sorted set of workspace ids with budget events to deliver, scored by the
+    time (ms) their next delivery attempt is due.
 
 Identifiers are checked before they become part of a key, so nothing read
 from the wire can reach into another workspace's namespace.
@@ -37,9 +43,21 @@ NUMBERS = f"{PREFIX}:numbers"
 TWILIO_ACCOUNTS = f"{PREFIX}:twilio_accounts"
 OFFBOARDINGS = f"{PREFIX}:offboardings"
 CERTIFICATES = f"{PREFIX}:certificates"
+WEBHOOK = f"{PREFIX}:webhook"
+WEBHOOKS_DUE = f"{PREFIX}:webhooks_due"
 GLOBAL_KEYS = frozenset(
-    {WORKSPACES, NUMBERS, TWILIO_ACCOUNTS, OFFBOARDINGS, CERTIFICATES}
+    {
+        WORKSPACES,
+        NUMBERS,
+        TWILIO_ACCOUNTS,
+        OFFBOARDINGS,
+        CERTIFICATES,
+        WEBHOOK,
+        WEBHOOKS_DUE,
+    }
 )
+# Where a workspace's budget events go: its own webhook, the operator's one.
+WEBHOOK_TARGETS = ("workspace", "operator")
 
 _ID_BODY = "[a-z2-7]{16}"
 WORKSPACE_ID = re.compile(rf"ws_{_ID_BODY}")
@@ -183,3 +201,28 @@ def usage(workspace_id: str, period: str) -> str:
     if not _PERIOD.fullmatch(period):
         raise InvalidInputError("period must be YYYY-MM or YYYY-MM-DD", "period")
     return f"{workspace_prefix(workspace_id)}:usage:{period}"
+
+
+def budget_events(workspace_id: str) -> str:
+    """Stream: budget events (50/80/100% and cut-off), at most one of each per
+    period, in the order they happened."""
+    return f"{workspace_prefix(workspace_id)}:budget_events"
+
+
+def webhook(workspace_id: str) -> str:
+    """Hash: the workspace's own budget webhook (URL, sealed signing secret)."""
+    return f"{workspace_prefix(workspace_id)}:webhook"
+
+
+def webhook_delivery(workspace_id: str, target: str) -> str:
+    """Hash: delivery of the workspace's budget events to one target (the
+    workspace's webhook or the operator's): last delivered event, attempts,
+    next attempt, last failure."""
+    if target not in WEBHOOK_TARGETS:
+        raise ValueError("unknown webhook target")
+    return f"{workspace_prefix(workspace_id)}:delivery:{target}"
+
+
+def delivery_lock(workspace_id: str) -> str:
+    """String with a TTL: the process delivering the workspace's events now."""
+    return f"{workspace_prefix(workspace_id)}:delivery_lock"

@@ -6,7 +6,8 @@ deleted on the way):
 1. suspend: new calls hear the workspace's goodbye; live calls get a grace
    period, then are hung up through Twilio;
 2. export: one archive (calls.csv, usage.json, statement.json and .html,
-   config.json without secrets, audit.jsonl, recordings), its SHA-256 kept;
+   config.json without secrets, budget_events.json, audit.jsonl, recordings),
+   its SHA-256 kept;
 3. numbers: each released, transferred to an account the client names, or
    kept (for a port-out), through Twilio's REST API;
 4. revoke: every workspace key, and the subaccount's stored credentials;
@@ -37,6 +38,7 @@ from typing import Any, Literal
 import orjson
 import redis.asyncio as redis
 
+from metering.budget_events import all_events
 from metering.ledger import Ledger
 from metering.plans import period_of
 from metering.quota import Quota
@@ -327,7 +329,14 @@ class Offboarding:
                 for number in await self._number_book.of_workspace(workspace_id)
             ],
             "plan": dataclasses.asdict(plan) if plan else None,
+            # Where its budget events went; the signing secret stays behind.
+            "budget_webhook": text_or_none(
+                await self._store.hget(keyspace.webhook(workspace_id), "url")
+            ),
         }
+        events = [
+            event.document() for event in await all_events(self._store, workspace_id)
+        ]
         entries = await self._audit.entries(workspace_id, limit=100_000)
         audit_lines = b"".join(
             orjson.dumps(dataclasses.asdict(entry)) + b"\n" for entry in entries
@@ -338,6 +347,7 @@ class Offboarding:
             "statement.json": orjson.dumps(final, option=orjson.OPT_INDENT_2),
             "statement.html": _statement_html(workspace.name, final).encode(),
             "config.json": orjson.dumps(config, option=orjson.OPT_INDENT_2),
+            "budget_events.json": orjson.dumps(events, option=orjson.OPT_INDENT_2),
             "audit.jsonl": audit_lines,
         }
 
@@ -376,6 +386,12 @@ class Offboarding:
             await self._store.hdel(keyspace.TWILIO_ACCOUNTS, state["subaccount"])
 
     async def _step_delete(self, workspace_id: str, state: dict[str, Any]) -> None:
+        # Taking the webhook delivery lock from whoever holds it stops their
+        # writes (metering.delivery writes only under its own token), so no
+        # delivery record outlives the deletion.
+        await self._store.set(
+            keyspace.delivery_lock(workspace_id), "offboarding", px=600_000
+        )
         if "deleted" not in state:
             counts: dict[str, int] = {}
             prefix = keyspace.workspace_prefix(workspace_id) + ":"
@@ -391,6 +407,7 @@ class Offboarding:
         ):
             await self._store.delete(name)
         await self._store.zrem(keyspace.WORKSPACES, workspace_id)
+        await self._store.zrem(keyspace.WEBHOOKS_DUE, workspace_id)
         owned = text_map(await self._store.hgetall(keyspace.NUMBERS))
         for e164, owner in owned.items():
             if owner == workspace_id:

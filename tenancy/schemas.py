@@ -264,3 +264,54 @@ class DeletionCertificate(BaseModel):
     deleted_keys: dict[str, int]
     numbers: dict[str, int]
     subaccount_closed: bool
+
+
+class WebhookDeliveryOut(BaseModel):
+    """How delivery of a workspace's budget events to one webhook stands."""
+
+    delivered: int
+    pending: int
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    next_attempt_at: Stamp
+    last_delivered_at: Stamp
+
+
+class WebhookOut(BaseModel):
+    """A budget webhook; ``secret`` is shown only when it is new."""
+
+    scope: Literal["workspace", "operator"]
+    workspace_id: str | None
+    url: str
+    created_at: str
+    updated_at: str
+    secret: str | None
+    delivery: WebhookDeliveryOut | None
+
+
+class BudgetEventData(BaseModel):
+    """What a budget event says about the workspace's period."""
+
+    workspace_id: str
+    period: str
+    used_ms: int
+    allowance_ms: int
+    threshold_percent: Literal[50, 80, 100] | None = None
+    reason: Literal["call_refused", "call_ended"] | None = None
+
+
+class BudgetEventOut(BaseModel):
+    """A budget event as webhooks receive it, with where it has been delivered."""
+
+    id: str
+    type: Literal["budget.threshold_reached", "budget.cut_off"]
+    timestamp: str
+    data: BudgetEventData
+    delivered_to: list[Literal["workspace", "operator"]]
+
+
+class BudgetEventList(BaseModel):
+    """A workspace's budget events, oldest first."""
+
+    items: list[BudgetEventOut]

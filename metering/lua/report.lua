@@ -3,7 +3,8 @@
 -- KEYS[1] quota hash of the call's billing period, KEYS[2] the call's grant,
 -- KEYS[3] the lease sorted set, KEYS[4] the call record,
 -- KEYS[5] month usage hash, KEYS[6] day usage hash,
--- KEYS[7] the workspace's set of calls awaiting Twilio's duration
+-- KEYS[7] the workspace's set of calls awaiting Twilio's duration,
+-- KEYS[8] the workspace's budget event stream
 -- ARGV[1] report sequence number (1, 2, ...), ARGV[2] cumulative used ms,
 -- ARGV[3] grant wanted ms (the held amount to top up to; 0 asks for none),
 -- ARGV[4] now ms, ARGV[5] lease ms, ARGV[6] the period's limit ms, used
@@ -11,9 +12,11 @@
 -- ARGV[7] "1" for the final report, ARGV[8] end reason (final only),
 -- ARGV[9] agent id, ARGV[10] E.164 number, ARGV[11] billable ms the plan's
 -- rounding adds at settlement (final only), ARGV[12] call sid,
--- ARGV[13] the call's cost to serve in micro-units (final only)
+-- ARGV[13] the call's cost to serve in micro-units (final only),
+-- ARGV[14] the billing period's label
 --
--- Returns {granted now ms, held ms after, state, added ms} with state "ok",
+-- Returns {granted now ms, held ms after, state, added ms, events} with
+-- events the number of budget events appended, and state "ok",
 -- "settled", "reclaimed" (the grant was taken back: stop the call) or
 -- "closed" (settled before: nothing changes). A report whose sequence number
 -- is not above the last one returns the same answer as before, so a retry
@@ -23,10 +26,10 @@ local total = tonumber(ARGV[2])
 local final = ARGV[7] == '1'
 
 if redis.call('EXISTS', KEYS[4]) == 0 then
-  return {0, 0, 'closed', 0}
+  return {0, 0, 'closed', 0, 0}
 end
 if redis.call('HGET', KEYS[4], 'status') == 'completed' then
-  return {0, 0, 'closed', 0}
+  return {0, 0, 'closed', 0, 0}
 end
 local has_grant = redis.call('EXISTS', KEYS[2]) == 1
 if has_grant then
@@ -34,7 +37,7 @@ if has_grant then
   if seq <= last then
     local seen = redis.call('HGET', KEYS[2], 'state')
     if seen == 'active' then seen = 'ok' end
-    return {0, tonumber(redis.call('HGET', KEYS[2], 'held_ms')), seen, 0}
+    return {0, tonumber(redis.call('HGET', KEYS[2], 'held_ms')), seen, 0, 0}
   end
 end
 
@@ -84,7 +87,8 @@ if final then
   if redis.call('HEXISTS', KEYS[4], 'twilio_call_duration_secs') == 0 then
     redis.call('ZADD', KEYS[7], ARGV[4], ARGV[12])
   end
-  return {0, 0, 'settled', added}
+  local events = threshold_events(KEYS[1], KEYS[8], ARGV[14], ARGV[4])
+  return {0, 0, 'settled', added, events}
 end
 
 if has_grant and state == 'active' then
@@ -108,4 +112,8 @@ if has_grant then
   redis.call('HSET', KEYS[2], 'held_ms', held, 'used_ms', total, 'seq', seq)
 end
 if state == 'active' then state = 'ok' end
-return {granted, held, state, added}
+local events = 0
+if added > 0 then
+  events = threshold_events(KEYS[1], KEYS[8], ARGV[14], ARGV[4])
+end
+return {granted, held, state, added, events}

@@ -379,3 +379,39 @@ async def test_workspace_offboard_keeps_a_number_and_deletes_the_rest(
     # A kept number stays in the subaccount, which stays open for the port-out.
     subaccount = workspace["twilio_account_sid"]
     assert callgate.twilio_rest.account_status(subaccount) == "active"
+
+
+async def test_webhook_set_show_and_remove_for_one_workspace_and_for_all(
+    cli: Cli,
+) -> None:
+    """The secret is printed once; show never prints it; remove ends it."""
+    workspace_id = await new_workspace(cli, "Hooked")
+    url = "https://hooks.example.com/budget"
+    created = await cli.ok("webhook", "set", url, "--workspace", workspace_id)
+    secret = dict(line.split(None, 1) for line in created.out.splitlines())["secret"]
+    assert secret.startswith("whsec_")
+    shown = (
+        await cli.ok("webhook", "show", "--workspace", workspace_id, "--json")
+    ).json()
+    assert (shown["scope"], shown["url"], shown["secret"]) == ("workspace", url, None)
+    assert shown["delivery"]["pending"] == 0
+    assert (
+        secret not in (await cli.ok("webhook", "show", "--workspace", workspace_id)).out
+    )
+
+    everyone = (await cli.ok("webhook", "set", url + "/all", "--json")).json()
+    assert (everyone["scope"], everyone["workspace_id"]) == ("operator", None)
+    assert everyone["secret"].startswith("whsec_")
+    rotated = (
+        await cli.ok("webhook", "set", url + "/all", "--rotate-secret", "--json")
+    ).json()
+    assert rotated["secret"] not in (None, everyone["secret"])
+
+    events = await cli.ok("budget-events", workspace_id)
+    assert cells(events.out) == [["ID", "TYPE", "AT", "USED MS", "DELIVERED TO"]]
+
+    removed = await cli.ok("webhook", "remove", "--workspace", workspace_id)
+    assert removed.out.strip() == "webhook remove: done"
+    gone = await cli("webhook", "show", "--workspace", workspace_id)
+    assert gone.status == 1
+    await cli.ok("webhook", "remove")

@@ -94,6 +94,10 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
     assert status == 201
     status, _ = await callgate.api("PUT", f"{base}/plan", {"included_minutes": 100})
     assert status == 200
+    status, hook = await callgate.api(
+        "PUT", f"{base}/webhook", {"url": "https://hooks.example.com/alpha"}
+    )
+    assert status == 200
     bravo_setup = await _snapshot(store, bravo.workspace_id, SETUP_KINDS)
     # A finished call and a live one in A; a live one in B.
     done, _ = await callgate.connected_call(NUMBER_A, CALLER)
@@ -154,6 +158,7 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
     assert [k async for k in store.scan_iter(match=f"*{alpha.workspace_id}*")] == []
     owners = await store.hvals(keyspace.NUMBERS)
     assert alpha.workspace_id.encode() not in owners
+    assert await store.zscore(keyspace.WEBHOOKS_DUE, alpha.workspace_id) is None
     status, _ = await callgate.api("GET", base, key=key["token"])
     assert status == 401
     status, _ = await callgate.api("GET", base)
@@ -175,6 +180,7 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
         final = orjson.loads(export.read("statement.json"))
         page = export.read("statement.html").decode()
         audit = export.read("audit.jsonl").decode()
+        events = orjson.loads(export.read("budget_events.json"))
         everything = b"".join(export.read(name) for name in names)
     assert {"calls.csv", "usage.json", "statement.json", "config.json"} <= names
     assert f"recordings/{done.sid}.wav" in names
@@ -189,6 +195,8 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
     assert "workspace.offboard" in audit
     assert alpha.api_key.encode() not in everything
     assert key["token"].encode() not in everything
+    assert hook["secret"].encode() not in everything
+    assert events == []
 
     status, certificate = await callgate.api("GET", f"{base}/offboarding/certificate")
     assert status == 200

@@ -1,0 +1,151 @@
+"""Budget webhook registrations: one per workspace, and one for every workspace.
+
+The operator registers a URL for a workspace, or one URL that receives the
+events of every workspace. Each registration has its own signing secret,
+generated here in the Standard Webhooks form (``whsec_`` and base64 of 32
+random bytes), shown once when it is made and stored sealed by the vault,
+bound to the registration it belongs to.
+
+A new registration starts at the present: events recorded before it are
+not sent to it. Replacing the URL of an existing one keeps its place, so
+nothing pending is skipped.
+"""
+
+from __future__ import annotations
+
+import secrets
+from base64 import b64encode
+from dataclasses import dataclass
+from typing import Final
+
+from yarl import URL
+
+from metering.budget_events import last_id
+from tenancy import keyspace
+from tenancy.errors import InvalidInputError
+from tenancy.replies import HashFields, Store, text_map, texts
+from tenancy.vault import Vault
+from tenancy.workspaces import now_ms
+
+SECRET_PREFIX: Final = "whsec_"  # noqa: S105 (a format marker, not a secret)
+MAX_URL_LENGTH: Final = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A registration: where events go and the secret that signs them."""
+
+    url: str
+    secret: str
+    created_at_ms: int
+    updated_at_ms: int
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is an absolute http(s) URL a webhook can be sent to."""
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidInputError("url is too long", "url")
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        raise InvalidInputError("url is not a valid URL", "url") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InvalidInputError("url must be an absolute http or https URL", "url")
+    if parsed.fragment:
+        raise InvalidInputError("url must not have a fragment", "url")
+    return url
+
+
+def _context(workspace_id: str | None) -> str:
+    return f"webhook:{workspace_id}" if workspace_id else "webhook:operator"
+
+
+def _key(workspace_id: str | None) -> str:
+    return keyspace.webhook(workspace_id) if workspace_id else keyspace.WEBHOOK
+
+
+class Webhooks:
+    """Registers, reads and removes budget webhooks."""
+
+    def __init__(self, store: Store, vault: Vault) -> None:
+        self._store = store
+        self._vault = vault
+
+    @property
+    def store(self) -> Store:
+        """The store the registrations and their delivery state live in."""
+        return self._store
+
+    async def register(
+        self, workspace_id: str | None, url: str, rotate_secret: bool = False
+    ) -> tuple[Webhook, bool]:
+        """Set the URL of a workspace's webhook, or of the operator's with ``None``.
+
+        Returns the registration and whether its secret is new (a first
+        registration, or ``rotate_secret``): only then should it be shown.
+        """
+        check_url(url)
+        now = now_ms()
+        current = await self.get(workspace_id)
+        fresh_secret = current is None or rotate_secret
+        secret = (
+            SECRET_PREFIX + b64encode(secrets.token_bytes(32)).decode("ascii")
+            if fresh_secret
+            else current.secret  # type: ignore[union-attr]
+        )
+        created = now if current is None else current.created_at_ms
+        if current is None:
+            await self._start_at_present(workspace_id)
+        fields: HashFields = {
+            "url": url,
+            "secret": self._vault.seal(secret, _context(workspace_id)),
+            "created_at_ms": created,
+            "updated_at_ms": now,
+        }
+        await self._store.hset(_key(workspace_id), mapping=fields)
+        return Webhook(url, secret, created, now), fresh_secret
+
+    async def _start_at_present(self, workspace_id: str | None) -> None:
+        # Deliveries of a new registration begin after the newest event.
+        if workspace_id is not None:
+            targets = [(workspace_id, "workspace")]
+        else:
+            ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
+            targets = [(each, "operator") for each in ids]
+        for each, target in targets:
+            newest = await last_id(self._store, each)
+            state = keyspace.webhook_delivery(each, target)
+            await self._store.delete(state)
+            await self._store.hset(state, mapping={"cursor": newest, "since": newest})
+
+    async def get(self, workspace_id: str | None) -> Webhook | None:
+        """The registration, with its secret opened, or ``None``."""
+        fields = text_map(await self._store.hgetall(_key(workspace_id)))
+        if "url" not in fields:
+            return None
+        return Webhook(
+            url=fields["url"],
+            secret=self._vault.open(fields["secret"], _context(workspace_id)),
+            created_at_ms=int(fields["created_at_ms"]),
+            updated_at_ms=int(fields["updated_at_ms"]),
+        )
+
+    async def remove(self, workspace_id: str | None) -> bool:
+        """Delete the registration; ``False`` when there was none."""
+        removed = bool(await self._store.delete(_key(workspace_id)))
+        if workspace_id is not None:
+            await self._store.delete(
+                keyspace.webhook_delivery(workspace_id, "workspace")
+            )
+        return removed
+
+    async def targets(self, workspace_id: str) -> list[tuple[str, Webhook]]:
+        """Where ``workspace_id``'s events go: its own webhook, then the operator's."""
+        found: list[tuple[str, Webhook]] = []
+        own = await self.get(workspace_id)
+        if own is not None:
+            found.append(("workspace", own))
+        operator = await self.get(None)
+        if operator is not None:
+            found.append(("operator", operator))
+        return found
