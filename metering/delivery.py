@@ -40,6 +40,7 @@ from yarl import URL
 from metering.budget_events import BudgetEvent, events_after, last_id, stream_position
 from metering.metrics import Metrics
 from tenancy import keyspace
+from tenancy.errors import SealError
 from tenancy.hooks import SECRET_PREFIX, Webhook, Webhooks
 from tenancy.logs import metering_logger
 from tenancy.replies import Store, text_map, texts
@@ -168,11 +169,13 @@ class Dispatcher:
         while not self._closing:
             try:
                 if time.monotonic() >= next_sweep:
-                    await self.sweep()
                     next_sweep = time.monotonic() + self._sweep_secs
+                    await self.sweep()
                 await self.deliver_due()
             except redis.RedisError:
                 metering_logger.warning("webhook delivery could not reach the store")
+            except SealError:
+                metering_logger.error("a budget webhook secret does not open")
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
             # cancellation that lands as the wait ends, and close() would hang.
             with contextlib.suppress(TimeoutError):
@@ -199,7 +202,15 @@ class Dispatcher:
             )
         )
         for workspace_id in due:
-            await self._drain(workspace_id)
+            try:
+                await self._drain(workspace_id)
+            except SealError:
+                # A secret sealed under another CALLGATE_SECRET_KEY: this
+                # workspace waits (and stays due) while the others go on.
+                metering_logger.error(
+                    "cannot open the budget webhook secret of workspace %s",
+                    workspace_id,
+                )
 
     async def _drain(self, workspace_id: str) -> None:
         lock = keyspace.delivery_lock(workspace_id)
@@ -301,6 +312,8 @@ class Dispatcher:
         return bool(await self._record(keys=[lock, state_key], args=pairs))
 
     async def _send(self, hook: Webhook, event: BudgetEvent) -> Attempt:
+        secret = hook.secret
+        assert secret is not None, "targets() opens every secret"
         body = event.body()
         timestamp = int(time.time())
         headers = {
@@ -308,7 +321,7 @@ class Dispatcher:
             "user-agent": _USER_AGENT,
             "webhook-id": event.id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": signature(hook.secret, event.id, timestamp, body),
+            "webhook-signature": signature(secret, event.id, timestamp, body),
         }
         try:
             async with self._http.post(
@@ -329,7 +342,7 @@ class Dispatcher:
         newest = await last_id(self._store, workspace_id)
         if newest == "0-0":
             return False
-        for target, _ in await self._webhooks.targets(workspace_id):
+        for target in await self._webhooks.target_names(workspace_id):
             cursor = await self._store.hget(
                 keyspace.webhook_delivery(workspace_id, target), "cursor"
             )

@@ -64,7 +64,7 @@ def _document(
         "url": hook.url,
         "created_at": iso(hook.created_at_ms),
         "updated_at": iso(hook.updated_at_ms),
-        "secret": hook.secret if new_secret else None,
+        "secret": hook.secret if new_secret else None,  # shown once, when made
         "delivery": delivery,
     }
 
@@ -96,7 +96,7 @@ async def put_operator_webhook(request: web.Request) -> web.Response:
 )
 async def get_operator_webhook(request: web.Request) -> web.Response:
     """``GET /webhook``: never the secret."""
-    hook = await request.app[WEBHOOKS].get(None)
+    hook = await request.app[WEBHOOKS].describe(None)
     if hook is None:
         raise NotFoundError("no operator webhook")
     return json_response(_document(hook, None, False, None))
@@ -148,7 +148,7 @@ async def put_webhook(request: web.Request) -> web.Response:
 async def get_webhook(request: web.Request) -> web.Response:
     """``GET /workspaces/{workspace_id}/webhook``: never the secret."""
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
-    hook = await request.app[WEBHOOKS].get(workspace.id)
+    hook = await request.app[WEBHOOKS].describe(workspace.id)
     if hook is None:
         raise NotFoundError("the workspace has no webhook")
     delivery = await _delivery(request, workspace.id)
@@ -186,7 +186,7 @@ async def list_budget_events(request: web.Request) -> web.Response:
     workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
     webhooks = request.app[WEBHOOKS]
     spans: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
-    for target, _ in await webhooks.targets(workspace.id):
+    for target in await webhooks.target_names(workspace.id):
         state = text_map(
             await webhooks.store.hgetall(
                 keyspace.webhook_delivery(workspace.id, target)

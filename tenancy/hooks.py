@@ -33,10 +33,15 @@ MAX_URL_LENGTH: Final = 2000
 
 @dataclass(frozen=True, slots=True)
 class Webhook:
-    """A registration: where events go and the secret that signs them."""
+    """A registration: where events go and the secret that signs them.
+
+    ``secret`` is ``None`` where it was not opened: describing a webhook never
+    needs it, so a secret that no longer opens does not stop the operator
+    from seeing, replacing or removing its webhook.
+    """
 
     url: str
-    secret: str
+    secret: str | None
     created_at_ms: int
     updated_at_ms: int
 
@@ -86,24 +91,18 @@ class Webhooks:
         """
         check_url(url)
         now = now_ms()
-        current = await self.get(workspace_id)
-        fresh_secret = current is None or rotate_secret
-        secret = (
-            SECRET_PREFIX + b64encode(secrets.token_bytes(32)).decode("ascii")
-            if fresh_secret
-            else current.secret  # type: ignore[union-attr]
-        )
+        current = await self.describe(workspace_id)
+        fields: HashFields = {"url": url, "updated_at_ms": now}
+        secret = None
+        if current is None or rotate_secret:
+            secret = SECRET_PREFIX + b64encode(secrets.token_bytes(32)).decode("ascii")
+            fields["secret"] = self._vault.seal(secret, _context(workspace_id))
         created = now if current is None else current.created_at_ms
         if current is None:
+            fields["created_at_ms"] = now
             await self._start_at_present(workspace_id)
-        fields: HashFields = {
-            "url": url,
-            "secret": self._vault.seal(secret, _context(workspace_id)),
-            "created_at_ms": created,
-            "updated_at_ms": now,
-        }
         await self._store.hset(_key(workspace_id), mapping=fields)
-        return Webhook(url, secret, created, now), fresh_secret
+        return Webhook(url, secret, created, now), secret is not None
 
     async def _start_at_present(self, workspace_id: str | None) -> None:
         # Deliveries of a new registration begin after the newest event.
@@ -119,13 +118,28 @@ class Webhooks:
             await self._store.hset(state, mapping={"cursor": newest, "since": newest})
 
     async def get(self, workspace_id: str | None) -> Webhook | None:
-        """The registration, with its secret opened, or ``None``."""
+        """The registration, with its secret opened, or ``None``.
+
+        Raises :class:`~tenancy.errors.SealError` if the secret does not open.
+        """
+        return await self._read(workspace_id, open_secret=True)
+
+    async def describe(self, workspace_id: str | None) -> Webhook | None:
+        """The registration without its secret, or ``None``."""
+        return await self._read(workspace_id, open_secret=False)
+
+    async def _read(
+        self, workspace_id: str | None, open_secret: bool
+    ) -> Webhook | None:
         fields = text_map(await self._store.hgetall(_key(workspace_id)))
         if "url" not in fields:
             return None
+        secret = None
+        if open_secret:
+            secret = self._vault.open(fields["secret"], _context(workspace_id))
         return Webhook(
             url=fields["url"],
-            secret=self._vault.open(fields["secret"], _context(workspace_id)),
+            secret=secret,
             created_at_ms=int(fields["created_at_ms"]),
             updated_at_ms=int(fields["updated_at_ms"]),
         )
@@ -138,6 +152,15 @@ class Webhooks:
                 keyspace.webhook_delivery(workspace_id, "workspace")
             )
         return removed
+
+    async def target_names(self, workspace_id: str) -> list[str]:
+        """Which webhooks receive ``workspace_id``'s events, secrets left sealed."""
+        names = []
+        if await self._store.hexists(keyspace.webhook(workspace_id), "url"):
+            names.append("workspace")
+        if await self._store.hexists(keyspace.WEBHOOK, "url"):
+            names.append("operator")
+        return names
 
     async def targets(self, workspace_id: str) -> list[tuple[str, Webhook]]:
         """Where ``workspace_id``'s events go: its own webhook, then the operator's."""

@@ -15,8 +15,12 @@ from standardwebhooks.webhooks import Webhook as ReferenceWebhook
 
 from metering.budget_events import BudgetEvent
 from metering.delivery import backoff_secs, signature
+from metering.plans import period_of
+from tenancy import api, keyspace
 from tenancy.errors import InvalidInputError
 from tenancy.hooks import check_url
+from tenancy.vault import Vault
+from tenancy.workspaces import now_ms
 from tests.harness import Harness, callgate_process, running_callgate
 from tests.peers.audio import split_frames, tone_mulaw
 from tests.peers.budget_hooks import BudgetHookReceiver
@@ -202,6 +206,46 @@ async def test_events_arrive_signed_once_in_order_through_a_failing_receiver(
         "next_attempt_at": None,
         "last_delivered_at": hook["delivery"]["last_delivered_at"],
     }
+
+
+async def test_a_secret_that_does_not_open_holds_back_only_its_own_webhook(
+    callgate: Harness, receiver: BudgetHookReceiver, store: redis.Redis
+) -> None:
+    """Bravo's event arrives; alpha's waits, readable, until its secret is rotated."""
+    alpha = await callgate.tenant("alpha", NUMBER_A)
+    bravo = await callgate.tenant("bravo", NUMBER_B)
+    for tenant, endpoint in ((alpha, "alpha"), (bravo, "bravo")):
+        path = f"/workspaces/{tenant.workspace_id}/webhook"
+        await _register(callgate, receiver, path, endpoint)
+    # As if CALLGATE_SECRET_KEY had changed since alpha's secret was sealed.
+    stranger = Vault("another-" + "k" * 32)
+    await store.hset(
+        keyspace.webhook(alpha.workspace_id),
+        "secret",
+        stranger.seal("whsec_AAAA", f"webhook:{alpha.workspace_id}"),
+    )
+    quota = callgate.app[api.QUOTA]
+    period = period_of(now_ms(), "UTC").label
+    for tenant in (alpha, bravo):
+        recorded = await quota.cut_off(
+            tenant.workspace_id, period, now_ms(), "call_ended"
+        )
+        assert recorded == 1
+
+    [bravo_event] = await receiver.wait_accepted("bravo", 1)
+    assert bravo_event.event["data"]["workspace_id"] == bravo.workspace_id
+    path = f"/workspaces/{alpha.workspace_id}/webhook"
+    status, hook = await callgate.api("GET", path)
+    assert status == 200, hook
+    assert hook["delivery"]["pending"] == 1
+    status, mended = await callgate.api(
+        "PUT", path, {"url": receiver.url("alpha"), "rotate_secret": True}
+    )
+    assert status == 200, mended
+    receiver.secrets["alpha"] = mended["secret"]
+    [alpha_event] = await receiver.wait_accepted("alpha", 1)
+    assert alpha_event.event["type"] == "budget.cut_off"
+    assert alpha_event.event["data"]["workspace_id"] == alpha.workspace_id
 
 
 async def test_registration_is_the_operators_and_checks_the_url(
