@@ -28,6 +28,15 @@ def day_of(epoch_ms: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(epoch_ms / 1000))
 
 
+# Where a page of calls ends: (arrival ms, call sid).
+Position = tuple[int, str]
+
+
+def _scored(reply: Any) -> list[tuple[str, int]]:
+    """A ``WITHSCORES`` reply as (member, integer score) pairs."""
+    return [(text(item[0]), int(item[1])) for item in reply or []]
+
+
 class CallNotFoundError(NotFoundError):
     """The workspace has no record of this call."""
 
@@ -230,40 +239,37 @@ class Ledger:
         limit: int = 50,
         *,
         before_ms: int | None = None,
+        after: Position | None = None,
         since_ms: int | None = None,
         caller: str | None = None,
-    ) -> tuple[list[CallRecord], int | None]:
-        """Calls newest first: arrived in [``since_ms``, ``before_ms``), and from
-        ``caller`` if given; also the cursor of the next page (None at the end).
+    ) -> tuple[list[CallRecord], Position | None]:
+        """Calls newest first: arrived in [``since_ms``, ``before_ms``), past the
+        position ``after`` (the cursor a previous page returned), and from
+        ``caller`` if given; also the position of the next page (None at the end).
 
-        A caller filter reads further pages until it fills ``limit``, at most
-        ten pages of ``limit`` calls, so an unlikely caller cannot make one
-        request scan a whole history.
+        A position is (arrival ms, call sid): calls that arrived in the same
+        millisecond are ordered by sid, so a page boundary between them loses
+        none. A caller filter reads further pages until it fills ``limit``, at
+        most ten pages of ``limit`` calls, so an unlikely caller cannot make
+        one request scan a whole history.
         """
-        upper = f"({before_ms}" if before_ms is not None else "+inf"
-        lower = since_ms if since_ms is not None else "-inf"
+        start: tuple[int, str | None] | None = after
+        if before_ms is not None and (start is None or before_ms <= start[0]):
+            start = (before_ms, None)
         found: list[CallRecord] = []
-        cursor: int | None = None
+        cursor: Position | None = None
         for _ in range(10 if caller else 1):
-            page = await self._store.zrevrangebyscore(
-                keyspace.calls(workspace_id),
-                upper,
-                lower,
-                start=0,
-                num=limit,
-                withscores=True,
-            )
-            pairs = [(text(item[0]), int(item[1])) for item in page or []]
+            pairs = await self._page(workspace_id, start, since_ms, limit)
             if not pairs:
                 return found, None
             async with self._store.pipeline(transaction=False) as pipe:
                 for call_sid, _ in pairs:
                     pipe.hgetall(keyspace.call(workspace_id, call_sid))
                 replies: list[Any] = await pipe.execute()
-            for (_, arrived), fields in zip(pairs, replies, strict=True):
+            for (call_sid, arrived), fields in zip(pairs, replies, strict=True):
                 if len(found) == limit:
                     return found, cursor
-                cursor = arrived
+                cursor = (arrived, call_sid)
                 if not fields:
                     continue
                 record = _record(text_map(fields))
@@ -271,10 +277,39 @@ class Ledger:
                     found.append(record)
             if len(pairs) < limit:
                 return found, None
-            upper = f"({cursor}"
+            start = cursor
             if len(found) == limit:
                 break
         return found, cursor
+
+    async def _page(
+        self,
+        workspace_id: str,
+        start: tuple[int, str | None] | None,
+        since_ms: int | None,
+        count: int,
+    ) -> list[tuple[str, int]]:
+        """Up to ``count`` (sid, arrival ms) pairs below ``start``, newest first."""
+        index = keyspace.calls(workspace_id)
+        lower: int | str = since_ms if since_ms is not None else "-inf"
+        upper: int | str = "+inf"
+        pairs: list[tuple[str, int]] = []
+        if start is not None:
+            score, member = start
+            upper = f"({score}"
+            if member is not None and (since_ms is None or score >= since_ms):
+                # The rest of the cursor's millisecond: equal scores come in
+                # descending sid order, so what is left sorts below the cursor.
+                same = await self._store.zrevrangebyscore(
+                    index, score, score, withscores=True
+                )
+                pairs = [pair for pair in _scored(same) if pair[0] < member]
+        if len(pairs) < count:
+            rest = await self._store.zrevrangebyscore(
+                index, upper, lower, start=0, num=count - len(pairs), withscores=True
+            )
+            pairs += _scored(rest)
+        return pairs[:count]
 
     async def usage(self, workspace_id: str, period: str) -> Usage:
         """Usage for a month (``YYYY-MM``) or a day (``YYYY-MM-DD``)."""

@@ -21,6 +21,7 @@ from aiohttp import web
 from router.app import create_app, runner, shut_down
 from router.operator_client import (
     AGENT_COLUMNS,
+    AUDIT_COLUMNS,
     BUDGET_EVENT_COLUMNS,
     CALL_COLUMNS,
     KEY_COLUMNS,
@@ -174,6 +175,12 @@ def parser() -> argparse.ArgumentParser:
         "--limit", type=int, metavar="N", help="how many, 1 to 500 (default 50)"
     )
     calls.set_defaults(build=calls_request, render=rows(CALL_COLUMNS))
+
+    audit = leaf(commands, "audit", "a workspace's audit log, newest first", common)
+    audit.set_defaults(
+        build=lambda args: Request("GET", workspace_path(args, "audit")),
+        render=rows(AUDIT_COLUMNS),
+    )
     return top
 
 
@@ -250,6 +257,42 @@ def add_workspace_commands(commands: Commands, common: argparse.ArgumentParser) 
         status = leaf(workspace, action, summary, common, "id")
         status.set_defaults(build=status_request, render=row(WORKSPACE_COLUMNS))
 
+    policy = leaf(
+        workspace,
+        "policy",
+        "change a workspace's name or call policy; options left out stay",
+        common,
+        "id",
+    )
+    policy.add_argument("--name")
+    policy.add_argument(
+        "--fallback-message", help="what callers hear when no agent can"
+    )
+    policy.add_argument(
+        "--fallback-number",
+        metavar="E164",
+        help="forward there instead when the agent is down ('none' clears it)",
+    )
+    policy.add_argument(
+        "--transfer-number",
+        dest="transfer_numbers",
+        action="append",
+        metavar="E164",
+        help="a number agents may transfer to (repeat; replaces the list)",
+    )
+    policy.add_argument(
+        "--recording", action=argparse.BooleanOptionalAction, help="record calls"
+    )
+    policy.add_argument(
+        "--outage",
+        choices=("continue", "terminate"),
+        help="what budgeted calls do while the store is unreachable",
+    )
+    policy.add_argument(
+        "--emergency-grant-ms", type=int, metavar="MS", help="G under 'continue'"
+    )
+    policy.set_defaults(build=policy_request, render=record)
+
     state = leaf(
         workspace, "offboarding", "where a workspace's offboarding stands", common, "id"
     )
@@ -262,6 +305,29 @@ def add_workspace_commands(commands: Commands, common: argparse.ArgumentParser) 
 def workspace_path(args: argparse.Namespace, *segments: str) -> str:
     """The path of the subcommand's workspace, or of ``segments`` below it."""
     return api_path("workspaces", args.workspace, *segments)
+
+
+def given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named options that were given, as a JSON body."""
+    values = {name: getattr(args, name) for name in names}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def policy_request(args: argparse.Namespace) -> Request:
+    """``PATCH /workspaces/{id}`` with the name and policy fields given."""
+    body = given(
+        args,
+        "name",
+        "fallback_message",
+        "fallback_number",
+        "transfer_numbers",
+        "recording",
+        "outage",
+        "emergency_grant_ms",
+    )
+    if body.get("fallback_number") == "none":
+        body["fallback_number"] = None
+    return Request("PATCH", workspace_path(args), body)
 
 
 def status_request(args: argparse.Namespace) -> Request:
@@ -340,6 +406,21 @@ def add_agent_commands(commands: Commands, common: argparse.ArgumentParser) -> N
         render=rows(AGENT_COLUMNS),
     )
 
+    update = leaf(agent, "update", "change an agent; options left out stay", common)
+    update.add_argument("agent_id", metavar="AGENT")
+    update.add_argument("--name")
+    update.add_argument("--assistant-id", help="the platform's assistant or agent id")
+    update.add_argument("--api-key", help="the workspace's own key on the platform")
+    update.add_argument("--audio-format", choices=("mulaw", "pcm16"))
+    update.set_defaults(
+        build=lambda args: Request(
+            "PATCH",
+            workspace_path(args, "agents", args.agent_id),
+            given(args, "name", "assistant_id", "api_key", "audio_format"),
+        ),
+        render=row(AGENT_COLUMNS),
+    )
+
 
 def agent_request(args: argparse.Namespace) -> Request:
     """``POST /workspaces/{id}/agents``; the server picks the default audio format."""
@@ -374,6 +455,18 @@ def add_number_commands(commands: Commands, common: argparse.ArgumentParser) -> 
     listing.set_defaults(
         build=lambda args: Request("GET", workspace_path(args, "numbers")),
         render=rows(NUMBER_COLUMNS),
+    )
+
+    route = leaf(number, "route", "send a number's calls to another agent", common)
+    route.add_argument("number")
+    route.add_argument("--agent", required=True, metavar="AGENT", help="the agent's id")
+    route.set_defaults(
+        build=lambda args: Request(
+            "PATCH",
+            workspace_path(args, "numbers", args.number),
+            {"agent_id": args.agent},
+        ),
+        render=row(NUMBER_COLUMNS),
     )
 
     move = leaf(number, "move", "move a number to another workspace", common)
@@ -413,34 +506,54 @@ def add_plan_commands(commands: Commands, common: argparse.ArgumentParser) -> No
         "replace a workspace's plan; options left out take the plan's defaults",
         common,
     )
-    put.add_argument("--included-minutes", type=int, required=True, metavar="N")
-    put.add_argument("--overage", choices=("none", "minutes", "money"))
-    put.add_argument(
-        "--overage-limit",
-        type=int,
-        metavar="N",
-        help="minutes, or micro-units for money overage",
-    )
-    put.add_argument(
-        "--overage-price-micros",
-        type=int,
-        metavar="N",
-        help="price of an overage minute",
-    )
-    put.add_argument(
-        "--max-concurrent", type=int, metavar="N", help="calls in progress at once"
-    )
-    put.add_argument(
-        "--timezone", metavar="TZ", help="IANA name; periods are its calendar months"
-    )
-    put.add_argument("--billing-increment", choices=("second", "six_seconds", "minute"))
+    _plan_options(put, included_required=True)
     put.set_defaults(build=plan_request, render=record)
+
+    patch = leaf(
+        plan, "update", "change only the given options of a workspace's plan", common
+    )
+    _plan_options(patch, included_required=False)
+    patch.set_defaults(build=plan_patch_request, render=record)
 
     show = leaf(plan, "show", "show a workspace's plan", common)
     show.set_defaults(
         build=lambda args: Request("GET", workspace_path(args, "plan")),
         render=record,
     )
+
+
+def _plan_options(command: argparse.ArgumentParser, included_required: bool) -> None:
+    command.add_argument(
+        "--included-minutes", type=int, required=included_required, metavar="N"
+    )
+    command.add_argument("--overage", choices=("none", "minutes", "money"))
+    command.add_argument(
+        "--overage-limit",
+        type=int,
+        metavar="N",
+        help="minutes, or micro-units for money overage",
+    )
+    command.add_argument(
+        "--overage-price-micros",
+        type=int,
+        metavar="N",
+        help="price of an overage minute",
+    )
+    command.add_argument(
+        "--max-concurrent", type=int, metavar="N", help="calls in progress at once"
+    )
+    command.add_argument(
+        "--timezone", metavar="TZ", help="IANA name; periods are its calendar months"
+    )
+    command.add_argument(
+        "--billing-increment", choices=("second", "six_seconds", "minute")
+    )
+
+
+def plan_patch_request(args: argparse.Namespace) -> Request:
+    """``PATCH /workspaces/{id}/plan``: the given options change, the rest stay."""
+    replace = plan_request(args)
+    return Request("PATCH", replace.path, replace.body)
 
 
 def plan_request(args: argparse.Namespace) -> Request:
@@ -478,6 +591,17 @@ def add_key_commands(commands: Commands, common: argparse.ArgumentParser) -> Non
     listing.set_defaults(
         build=lambda args: Request("GET", workspace_path(args, "keys")),
         render=rows(KEY_COLUMNS),
+    )
+
+    rotate = leaf(
+        keys, "rotate", "replace a key with a new token; the old one stops", common
+    )
+    rotate.add_argument("key_id")
+    rotate.set_defaults(
+        build=lambda args: Request(
+            "POST", workspace_path(args, "keys", args.key_id, "rotate")
+        ),
+        render=new_key,
     )
 
     revoke = leaf(keys, "revoke", "revoke a key at once", common)

@@ -307,6 +307,13 @@ KEY_COLUMNS = (
     Column("LAST USED", "last_used_at", moment),
     Column("REVOKED", "revoked_at", moment),
 )
+AUDIT_COLUMNS = (
+    Column("AT", "at", moment),
+    Column("ACTOR", "actor"),
+    Column("ACTION", "action"),
+    Column("TARGET", "target"),
+    Column("DETAIL", "detail"),
+)
 BUDGET_EVENT_COLUMNS = (
     Column("ID", "id"),
     Column("TYPE", "type"),

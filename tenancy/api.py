@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 from dataclasses import asdict
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -342,9 +343,36 @@ async def update_workspace(request: web.Request) -> web.Response:
     response=PlanOut,
 )
 async def put_plan(request: web.Request) -> web.Response:
-    """``PUT /workspaces/{workspace_id}/plan``: set the workspace's plan."""
+    """``PUT /workspaces/{workspace_id}/plan``: set the workspace's plan.
+
+    Fields left out take their defaults, whatever the plan had before.
+    """
+    workspace = await request.app[WORKSPACES].get(request.match_info["workspace_id"])
+    body = await _plan_fields(request)
+    return await _set_plan(request, workspace.id, body, "plan.set", Plan())
+
+
+@endpoint(
+    "PATCH",
+    "/workspaces/{workspace_id}/plan",
+    "operator",
+    "Change some fields of the workspace's plan",
+    body=Plan,
+    response=PlanOut,
+)
+async def patch_plan(request: web.Request) -> web.Response:
+    """``PATCH /workspaces/{workspace_id}/plan``: only the fields given change.
+
+    Without a plan yet, the fields given are changed from the defaults.
+    """
     workspaces = request.app[WORKSPACES]
     workspace = await workspaces.get(request.match_info["workspace_id"])
+    body = await _plan_fields(request)
+    current = await workspaces.plan(workspace.id) or Plan()
+    return await _set_plan(request, workspace.id, body, "plan.update", current)
+
+
+async def _plan_fields(request: web.Request) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
@@ -355,17 +383,27 @@ async def put_plan(request: web.Request) -> web.Response:
     for name in body:
         if name not in known:
             raise InvalidInputError("unknown plan field", field=str(name))
+    return body
+
+
+async def _set_plan(
+    request: web.Request,
+    workspace_id: str,
+    body: dict[str, Any],
+    action: str,
+    base: Plan,
+) -> web.Response:
     try:
-        plan = Plan(**body)
+        plan = dataclasses.replace(base, **body)
     except TypeError as exc:
         raise InvalidInputError(f"plan field has the wrong type: {exc}") from None
-    await workspaces.set_plan(workspace.id, plan)
+    await request.app[WORKSPACES].set_plan(workspace_id, plan)
     # Running calls read the period's cap from the quota, not from the plan
     # they started under, so they follow the change at their next report.
     period = period_of(now_ms(), plan.timezone).label
-    await request.app[QUOTA].set_limit(workspace.id, period, hard_cap_ms(plan))
-    tenancy_logger.info("set the plan of workspace %s", workspace.id)
-    await audit(request, workspace.id, "plan.set", workspace.id, ",".join(sorted(body)))
+    await request.app[QUOTA].set_limit(workspace_id, period, hard_cap_ms(plan))
+    tenancy_logger.info("set the plan of workspace %s", workspace_id)
+    await audit(request, workspace_id, action, workspace_id, ",".join(sorted(body)))
     return json_response(plan_document(plan))
 
 
@@ -519,28 +557,36 @@ async def list_calls(request: web.Request) -> web.Response:
     raw_limit = query.get("limit", "50")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 500:
         raise InvalidInputError("limit must be an integer from 1 to 500", "limit")
-    before = _instant(query.get("until"), "until")
+    after = None
     cursor = query.get("cursor")
     if cursor is not None:
-        if not cursor.isdigit():
+        matched = _CURSOR.fullmatch(cursor)
+        if matched is None:
             raise InvalidInputError("cursor is not one this API gave", "cursor")
-        before = int(cursor) if before is None else min(before, int(cursor))
+        after = (int(matched[1]), matched[2])
     caller = query.get("caller")
     if caller is not None and not keyspace.E164.fullmatch(caller):
         raise InvalidInputError("caller must be an E.164 number", "caller")
     records, next_cursor = await request.app[LEDGER].recent_calls(
         workspace.id,
         int(raw_limit),
-        before_ms=before,
+        before_ms=_instant(query.get("until"), "until"),
+        after=after,
         since_ms=_instant(query.get("since"), "since"),
         caller=caller,
     )
     return json_response(
         {
             "items": [call_document(record) for record in records],
-            "next_cursor": None if next_cursor is None else str(next_cursor),
+            "next_cursor": None
+            if next_cursor is None
+            else "_".join(map(str, next_cursor)),
         }
     )
+
+
+# A page's cursor: the arrival time (ms) and sid of the last call it covered.
+_CURSOR = re.compile(r"([0-9]{1,15})_(CA[0-9a-f]{32})")
 
 
 def _instant(value: str | None, field: str) -> int | None:

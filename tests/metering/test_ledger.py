@@ -171,3 +171,40 @@ async def test_twilio_status_ignores_stale_callbacks(
             call_duration_secs=1,
             sequence=0,
         )
+
+
+async def test_pages_never_lose_calls_that_arrived_in_the_same_millisecond(
+    store: redis.Redis, ids: tuple[str, str]
+) -> None:
+    """Pages of two walk seven calls, five of them in one millisecond, each once."""
+    workspace, agent = ids
+    ledger = Ledger(store)
+    arrivals = {f"CA{index:032x}": 1_000 for index in range(5)}
+    arrivals["CA" + "e" * 32] = 2_000
+    arrivals["CA" + "f" * 32] = 500
+    for sid, at_ms in arrivals.items():
+        await ledger.open_call(
+            workspace,
+            sid,
+            agent_id=agent,
+            from_number="+12125550123",
+            to_number=NUMBER,
+            arrived_at_ms=at_ms,
+        )
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):
+        page, cursor = await ledger.recent_calls(workspace, 2, after=cursor)
+        seen += [record.call_sid for record in page]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 7
+    # Newest first; within a millisecond, by sid.
+    assert seen == sorted(arrivals, key=lambda sid: (arrivals[sid], sid), reverse=True)
+    # A time bound still applies with a cursor, and a caller filter pages too.
+    page, _ = await ledger.recent_calls(
+        workspace, 10, after=(1_000, seen[2]), since_ms=1_000
+    )
+    assert [record.call_sid for record in page] == seen[3:6]
+    page, cursor = await ledger.recent_calls(workspace, 10, before_ms=1_000)
+    assert ([record.call_sid for record in page], cursor) == ([seen[-1]], None)

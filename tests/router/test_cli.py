@@ -415,3 +415,135 @@ async def test_webhook_set_show_and_remove_for_one_workspace_and_for_all(
     gone = await cli("webhook", "show", "--workspace", workspace_id)
     assert gone.status == 1
     await cli.ok("webhook", "remove")
+
+
+async def test_plan_update_changes_only_the_options_given(
+    cli: Cli, callgate: Harness
+) -> None:
+    """``plan update`` keeps what it is not told; ``plan set`` resets it."""
+    workspace_id = await new_workspace(cli, "Patched")
+    await cli.ok(
+        "plan",
+        "set",
+        workspace_id,
+        "--included-minutes",
+        "100",
+        "--max-concurrent",
+        "3",
+    )
+    updated = (
+        await cli.ok(
+            "plan", "update", workspace_id, "--timezone", "Asia/Tokyo", "--json"
+        )
+    ).json()
+    assert (updated["included_minutes"], updated["max_concurrent_calls"]) == (100, 3)
+    assert updated["timezone"] == "Asia/Tokyo"
+    # A change the plan rejects names its field and leaves the plan as it was.
+    run = await cli("plan", "update", workspace_id, "--overage-limit", "5")
+    assert run.status == 1
+    assert "overage_limit" in run.err
+    shown = (await cli.ok("plan", "show", workspace_id, "--json")).json()
+    assert shown == updated
+    replaced = (
+        await cli.ok("plan", "set", workspace_id, "--included-minutes", "50", "--json")
+    ).json()
+    assert (replaced["max_concurrent_calls"], replaced["timezone"]) == (1, "UTC")
+    _, entries = await callgate.api("GET", f"/workspaces/{workspace_id}/audit")
+    assert "plan.update" in [entry["action"] for entry in entries["items"]]
+
+
+async def test_policy_agent_route_rotate_and_audit_commands(
+    cli: Cli, callgate: Harness
+) -> None:
+    """The workspace policy, an agent, a number's route and a key, from the shell."""
+    tenant = await callgate.tenant("alpha", NUMBER)
+    workspace_id = tenant.workspace_id
+
+    policy = (
+        await cli.ok(
+            "workspace",
+            "policy",
+            workspace_id,
+            "--fallback-number",
+            "+15005550199",
+            "--transfer-number",
+            "+15005550198",
+            "--transfer-number",
+            "+15005550197",
+            "--no-recording",
+            "--outage",
+            "terminate",
+            "--json",
+        )
+    ).json()
+    assert policy["fallback_number"] == "+15005550199"
+    assert policy["transfer_numbers"] == ["+15005550198", "+15005550197"]
+    assert (policy["recording"], policy["outage"]) == (False, "terminate")
+    assert policy["name"] == "alpha"
+    cleared = await cli.ok(
+        "workspace", "policy", workspace_id, "--fallback-number", "none", "--json"
+    )
+    assert cleared.json()["fallback_number"] is None
+    assert cleared.json()["outage"] == "terminate"
+
+    callgate.vapi.add_key("vapi-key-second")
+    second = (
+        await cli.ok(
+            "agent",
+            "add",
+            workspace_id,
+            "--name",
+            "Night desk",
+            "--provider",
+            "vapi",
+            "--assistant-id",
+            "assistant-night",
+            "--api-key",
+            "vapi-key-second",
+            "--json",
+        )
+    ).json()
+    renamed = await cli.ok(
+        "agent", "update", workspace_id, second["id"], "--name", "Late desk"
+    )
+    assert cells(renamed.out)[1][:3] == [second["id"], "Late desk", "vapi"]
+
+    routed = await cli.ok(
+        "number", "route", workspace_id, NUMBER, "--agent", second["id"]
+    )
+    assert cells(routed.out)[1][:3] == [NUMBER, workspace_id, second["id"]]
+    call, vapi_call = await callgate.connected_call(NUMBER, CALLER)
+    assert vapi_call.request_json["assistantId"] == "assistant-night"
+    assert vapi_call.api_key == "vapi-key-second"
+    await call.hang_up()
+    await callgate.calls_settled()
+
+    created = (
+        await cli.ok(
+            "keys",
+            "create",
+            workspace_id,
+            "--role",
+            "viewer",
+            "--name",
+            "dash",
+            "--json",
+        )
+    ).json()
+    rotated = await cli.ok("keys", "rotate", workspace_id, created["id"])
+    lines = rotated.out.splitlines()
+    token = lines[lines.index("token (shown only this once; store it now):") + 1]
+    status, _ = await callgate.api("GET", f"/workspaces/{workspace_id}", key=token)
+    assert status == 200
+    status, _ = await callgate.api(
+        "GET", f"/workspaces/{workspace_id}", key=created["token"]
+    )
+    assert status == 401
+
+    audit = await cli.ok("audit", workspace_id)
+    header, *rows = cells(audit.out)
+    assert header == ["AT", "ACTOR", "ACTION", "TARGET", "DETAIL"]
+    actions = [row[2] for row in rows]
+    for action in ("key.rotate", "number.route", "agent.update", "workspace.update"):
+        assert action in actions, (action, actions)
+    assert token not in audit.out

@@ -152,6 +152,11 @@ async def test_calls_are_paged_and_filtered_by_time_and_caller(
     assert [c["call_sid"] for c in theirs["items"]] == [sids[3], sids[1]]
     status, later = await callgate.api("GET", f"{base}?since=2999-01-01T00:00:00Z")
     assert later["items"] == []
-    for bad, field in (("until=yesterday", "until"), ("caller=555", "caller")):
+    for bad, field in (
+        ("until=yesterday", "until"),
+        ("caller=555", "caller"),
+        ("cursor=12345", "cursor"),
+        (f"cursor=1_{sids[0]}x", "cursor"),
+    ):
         status, problem = await callgate.api("GET", f"{base}?{bad}")
         assert (status, problem["field"]) == (422, field)
