@@ -161,6 +161,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[access.AUDIT],
         app[stream.TWILIO_API],
         settings.data_dir,
+        lease_ms=settings.lease_ms,
     )
     app[manage.OFFBOARDING] = offboarding
     webhooks_registry = Webhooks(store, vault)
@@ -183,6 +184,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     reconciler.start()
     dispatcher.start()
     await offboarding.resume_interrupted()
+    offboarding.watch()
     try:
         yield
     finally:

@@ -18,6 +18,9 @@ Global keys, the only ones outside a workspace:
 ``cg:certificates``
     hash from a deleted workspace's id to its deletion certificate (counts,
     times and the export's hash; no personal data).
+``cg:offboarding_leases``
+    hash from a workspace id to ``<process token>:<expiry ms>``: the one
+    process running its offboarding now.
 ``cg:webhook``
     hash: the operator's budget webhook for every workspace (URL, sealed
     signing secret, registration time).
@@ -43,6 +46,7 @@ NUMBERS = f"{PREFIX}:numbers"
 TWILIO_ACCOUNTS = f"{PREFIX}:twilio_accounts"
 OFFBOARDINGS = f"{PREFIX}:offboardings"
 CERTIFICATES = f"{PREFIX}:certificates"
+OFFBOARDING_LEASES = f"{PREFIX}:offboarding_leases"
 WEBHOOK = f"{PREFIX}:webhook"
 WEBHOOKS_DUE = f"{PREFIX}:webhooks_due"
 GLOBAL_KEYS = frozenset(
@@ -52,6 +56,7 @@ GLOBAL_KEYS = frozenset(
         TWILIO_ACCOUNTS,
         OFFBOARDINGS,
         CERTIFICATES,
+        OFFBOARDING_LEASES,
         WEBHOOK,
         WEBHOOKS_DUE,
     }

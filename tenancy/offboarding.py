@@ -16,6 +16,8 @@ deleted on the way):
 6. certificate: counts, times and the export's hash; no personal data.
 
 Running it again after any interruption resumes at the first unfinished step.
+One process runs it at a time, under a lease in ``cg:offboarding_leases``;
+every process looks every half lease for offboardings whose runner died.
 A number operation records its intent before Twilio is asked, and a resumed
 run checks Twilio's state with a read before acting, so no irreversible
 operation is sent twice.
@@ -30,6 +32,7 @@ import dataclasses
 import hashlib
 import html
 import io
+import secrets
 import shutil
 import zipfile
 from pathlib import Path
@@ -81,6 +84,7 @@ class Offboarding:
         audit: Audit,
         twilio: TwilioApi,
         data_dir: Path,
+        lease_ms: int = 10_000,
     ) -> None:
         self._store = store
         self._workspaces = workspaces
@@ -92,6 +96,15 @@ class Offboarding:
         self._twilio = twilio
         self._data_dir = data_dir
         self._tasks: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._lease_ms = lease_ms
+        # This process's name on the leases it holds.
+        self._token = secrets.token_hex(8)
+        self._take_lease = store.register_script(_TAKE_LEASE)
+        self._drop_lease = store.register_script(_DROP_LEASE)
+        self._save_fenced = store.register_script(_SAVE_FENCED)
+        self._watcher: asyncio.Task[None] | None = None
+        # Offboardings this process runs under its lease: their saves are fenced.
+        self._leased: set[str] = set()
 
     def start(self, workspace_id: str) -> None:
         """Run the offboarding in the background unless it already runs here."""
@@ -124,12 +137,58 @@ class Offboarding:
                 resumed.append(workspace_id)
         return resumed
 
+    def watch(self) -> None:
+        """Resume, every half lease, offboardings whose process stopped holding them.
+
+        A process that dies mid-run leaves its lease to expire; the next look
+        after that, by any process, carries the offboarding on.
+        """
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(), name="offboardings")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ms / 2000)
+            try:
+                await self.resume_interrupted()
+            except (StoreError, redis.RedisError):
+                tenancy_logger.warning("could not look for interrupted offboardings")
+
     async def close(self) -> None:
         """Stop background runs; their state lets the next process resume them."""
-        tasks = list(self._tasks.values())
+        tasks: list[asyncio.Task[Any]] = [*self._tasks.values()]
+        if self._watcher is not None:
+            tasks.append(self._watcher)
+            self._watcher = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _lease(self, workspace_id: str) -> bool:
+        """Take or renew this process's lease on the offboarding; False if another's."""
+        taken = await self._take_lease(
+            keys=[keyspace.OFFBOARDING_LEASES],
+            args=[workspace_id, self._token, now_ms(), self._lease_ms],
+        )
+        return bool(taken)
+
+    async def _keep_lease(
+        self, workspace_id: str, run: asyncio.Task[Any] | None
+    ) -> None:
+        """Renew the lease every third of its time; stop the run if it is lost."""
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                held = await self._lease(workspace_id)
+            except (StoreError, redis.RedisError):
+                continue  # renewed at the next try, unless another took it meanwhile
+            if not held:
+                tenancy_logger.warning(
+                    "offboarding %s was taken over by another process", workspace_id
+                )
+                if run is not None:
+                    run.cancel()
+                return
 
     def export_path(self, workspace_id: str) -> Path:
         """Where a workspace's export archive is kept; it outlives the workspace."""
@@ -196,10 +255,49 @@ class Offboarding:
         return state
 
     async def run(self, workspace_id: str) -> dict[str, Any]:
-        """Run every unfinished step; on failure the state says where it stopped."""
+        """Run every unfinished step; on failure the state says where it stopped.
+
+        Only the process holding the offboarding's lease runs it; another
+        returns the state as it stands. The lease is renewed while the run
+        goes on and given back when it ends, and every save of the run is
+        refused once the lease is someone else's.
+        """
+        if not await self._lease(workspace_id):
+            tenancy_logger.info("offboarding %s runs in another process", workspace_id)
+            state = await self.state(workspace_id)
+            if state is None:
+                raise WorkspaceNotFoundError(workspace_id)
+            return state
+        keeper = asyncio.create_task(
+            self._keep_lease(workspace_id, asyncio.current_task())
+        )
+        self._leased.add(workspace_id)
+        try:
+            return await self._run_steps(workspace_id)
+        except LeaseLostError:
+            # Another process holds the lease now: this run must not go on.
+            tenancy_logger.warning(
+                "offboarding %s was taken over by another process", workspace_id
+            )
+            return await self.state(workspace_id) or {}
+        finally:
+            self._leased.discard(workspace_id)
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            try:
+                await self._drop_lease(
+                    keys=[keyspace.OFFBOARDING_LEASES], args=[workspace_id, self._token]
+                )
+            except (StoreError, redis.RedisError):
+                tenancy_logger.warning("could not give back an offboarding lease")
+
+    async def _run_steps(self, workspace_id: str) -> dict[str, Any]:
+        # Read under the lease: another process may have moved it on.
         state = await self.state(workspace_id)
         if state is None:
             raise WorkspaceNotFoundError(workspace_id)
+        if state["status"] == "done":
+            return state
         state["status"] = "running"
         state.pop("error", None)
         for step in STEPS:
@@ -438,9 +536,58 @@ class Offboarding:
         )
 
     async def _save(self, state: dict[str, Any]) -> None:
-        await self._store.hset(
-            keyspace.OFFBOARDINGS, state["workspace_id"], orjson.dumps(state)
+        workspace_id = state["workspace_id"]
+        if workspace_id not in self._leased:
+            await self._store.hset(
+                keyspace.OFFBOARDINGS, workspace_id, orjson.dumps(state)
+            )
+            return
+        saved = await self._save_fenced(
+            keys=[keyspace.OFFBOARDINGS, keyspace.OFFBOARDING_LEASES],
+            args=[workspace_id, orjson.dumps(state), self._token],
         )
+        if not saved:
+            raise LeaseLostError(workspace_id)
+
+
+class LeaseLostError(Exception):
+    """This process's lease on an offboarding passed to another process."""
+
+
+# KEYS[1] the lease hash; ARGV[1] workspace id, ARGV[2] process token,
+# ARGV[3] now ms, ARGV[4] lease ms. Takes a free or expired lease, or renews
+# this process's own; returns 1, or 0 while another process holds it.
+_TAKE_LEASE = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held then
+  local owner, expires = string.match(held, '^(.-):(%d+)$')
+  if owner ~= ARGV[2] and tonumber(expires) > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+local expires = string.format('%d', tonumber(ARGV[3]) + tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. expires)
+return 1
+"""
+# KEYS[1] the lease hash; ARGV[1] workspace id, ARGV[2] process token.
+_DROP_LEASE = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held and string.match(held, '^(.-):') == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+# KEYS[1] the offboardings hash, KEYS[2] the lease hash; ARGV[1] workspace
+# id, ARGV[2] its state as JSON, ARGV[3] process token. Saves only for the
+# lease's holder.
+_SAVE_FENCED = """
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if not held or string.match(held, '^(.-):') ~= ARGV[3] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
 
 
 def _statement_html(name: str, final: dict[str, Any]) -> str:

@@ -403,3 +403,41 @@ async def test_a_restarted_process_finishes_an_offboarding_killed_mid_grace(
         ]
         assert any(call.sid in r.path for r in hung_up)
         assert [k async for k in store.scan_iter(match=f"*{workspace_id}*")] == []
+
+
+async def test_two_processes_told_to_resume_at_once_send_each_operation_once(
+    store: redis.Redis, valkey_url: str, tmp_path: Path
+) -> None:
+    """Both processes take the resume; the lease lets one run it, and it ends once."""
+    env = {"CALLGATE_REDIS_URL": valkey_url}
+    async with running_peers() as peers:
+        client = peers.twilio_rest.create_subaccount(peers.account, "client")
+        for index in range(2):
+            peers.twilio_rest.add_available(f"+1415555{index:04d}", "415")
+        async with (
+            callgate_process(tmp_path / "first", peers, **env) as first,
+            callgate_process(tmp_path / "second", peers, **env) as second,
+        ):
+            workspace = await _leaving_workspace(first, "contested")
+            path = f"/workspaces/{workspace['id']}/offboarding"
+            moved = workspace["numbers"][1]
+            wish = {"action": "transfer", "to_account_sid": client.sid}
+            status, _ = await first.api(
+                "POST",
+                path,
+                {"grace_secs": 0, "numbers": {moved: wish}, "pause_after": "export"},
+            )
+            assert status == 202
+            paused = await _state_when(store, workspace["id"], {"paused", "failed"})
+            assert paused["status"] == "paused", paused
+            answers = await asyncio.gather(
+                first.api("POST", path, {}), second.api("POST", path, {})
+            )
+            assert [status for status, _ in answers] == [202, 202]
+            final = await _state_when(store, workspace["id"], {"done", "failed"})
+            assert final["status"] == "done", final
+            operations = _twilio_operations(
+                peers.twilio_rest, workspace["twilio_account_sid"]
+            )
+            assert operations == ["close", "release", "transfer"]
+            assert peers.twilio_rest.owner_of(moved) == client.sid
