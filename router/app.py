@@ -162,6 +162,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[stream.TWILIO_API],
         settings.data_dir,
         lease_ms=settings.lease_ms,
+        export_retention_days=settings.export_retention_days,
     )
     app[manage.OFFBOARDING] = offboarding
     webhooks_registry = Webhooks(store, vault)

@@ -51,6 +51,9 @@ class Settings:
     lease_ms: int
     rates: RateCard
     reconcile_after_secs: int
+    # Offboarding export archives are deleted this many days after they were
+    # written; 0 keeps them until the operator deletes them.
+    export_retention_days: int = 30
     # Budget webhooks: the first retry waits webhook_retry_secs, each next one
     # twice as long, up to webhook_retry_max_secs; one attempt may take
     # webhook_timeout_secs.
@@ -157,6 +160,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             retell_micros_per_minute=_integer(
                 env, "CALLGATE_RATE_RETELL_MICROS_PER_MIN", 70_000, 0, 10**9
             ),
+        ),
+        export_retention_days=_integer(
+            env, "CALLGATE_EXPORT_RETENTION_DAYS", 30, 0, 3650
         ),
         webhook_retry_secs=_integer(
             env, "CALLGATE_WEBHOOK_RETRY_MS", 5_000, 10, 3_600_000

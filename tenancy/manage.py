@@ -593,6 +593,10 @@ async def download_export(request: web.Request) -> web.StreamResponse:
     if state is None or "export" not in state:
         raise NotFoundError(f"workspace {workspace_id} has no export yet")
     path = request.app[OFFBOARDING].export_path(workspace_id)
+    if not path.is_file():
+        raise web.HTTPGone(
+            text=f"the export of {workspace_id} was deleted after its retention"
+        )
     return web.FileResponse(
         path,
         headers={

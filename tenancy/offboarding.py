@@ -34,6 +34,7 @@ import html
 import io
 import secrets
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +86,7 @@ class Offboarding:
         twilio: TwilioApi,
         data_dir: Path,
         lease_ms: int = 10_000,
+        export_retention_days: int = 30,
     ) -> None:
         self._store = store
         self._workspaces = workspaces
@@ -97,6 +99,7 @@ class Offboarding:
         self._data_dir = data_dir
         self._tasks: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._lease_ms = lease_ms
+        self._retention_ms = export_retention_days * 86_400_000
         # This process's name on the leases it holds.
         self._token = secrets.token_hex(8)
         self._take_lease = store.register_script(_TAKE_LEASE)
@@ -147,12 +150,34 @@ class Offboarding:
             self._watcher = asyncio.create_task(self._watch(), name="offboardings")
 
     async def _watch(self) -> None:
+        next_prune = 0.0
         while True:
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + _PRUNE_EVERY_SECS
+                self.prune_exports(now_ms())
             await asyncio.sleep(self._lease_ms / 2000)
             try:
                 await self.resume_interrupted()
             except (StoreError, redis.RedisError):
                 tenancy_logger.warning("could not look for interrupted offboardings")
+
+    def prune_exports(self, at_ms: int) -> list[str]:
+        """Delete the export archives older than the retention; return whose."""
+        if self._retention_ms == 0:
+            return []
+        pruned = []
+        folder = self._data_dir / "exports"
+        for path in sorted(folder.glob("*.zip")) if folder.is_dir() else []:
+            try:
+                written_ms = path.stat().st_mtime_ns // 1_000_000
+                if at_ms - written_ms > self._retention_ms:
+                    path.unlink()
+                    pruned.append(path.stem)
+            except OSError:
+                tenancy_logger.warning("could not prune export %s", path.name)
+        if pruned:
+            tenancy_logger.info("deleted %d export(s) past retention", len(pruned))
+        return pruned
 
     async def close(self) -> None:
         """Stop background runs; their state lets the next process resume them."""
@@ -548,6 +573,10 @@ class Offboarding:
         )
         if not saved:
             raise LeaseLostError(workspace_id)
+
+
+# How often the exports folder is checked for archives past their retention.
+_PRUNE_EVERY_SECS = 600.0
 
 
 class LeaseLostError(Exception):

@@ -6,7 +6,9 @@ import asyncio
 import csv
 import hashlib
 import io
+import os
 import signal
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import orjson
 import redis.asyncio as redis
 
 from tenancy import keyspace, manage
+from tenancy.workspaces import now_ms
 from tests.harness import (
     OPERATOR_KEY,
     CallgateProcess,
@@ -204,6 +207,15 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
     assert certificate["numbers"] == {"release": 2, "transfer": 1}
     assert certificate["subaccount_closed"] is True
     assert CALLER not in str(certificate)
+
+    # The archive is deleted once past its retention (30 days by default).
+    offboarding = callgate.app[manage.OFFBOARDING]
+    assert offboarding.prune_exports(now_ms()) == []
+    month_ago = time.time() - 31 * 86_400
+    os.utime(offboarding.export_path(alpha.workspace_id), (month_ago, month_ago))
+    assert offboarding.prune_exports(now_ms()) == [alpha.workspace_id]
+    status, gone = await callgate.api("GET", f"{base}/offboarding/export")
+    assert (status, gone["type"]) == (410, "urn:callgate:problem:gone")
 
     # Running it again changes nothing and asks Twilio nothing new.
     sent = len(callgate.twilio_rest.requests)
