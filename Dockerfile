@@ -12,12 +12,12 @@ RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nolog
     && chown callgate:callgate /var/lib/callgate
 
 WORKDIR /opt/callgate
-COPY pyproject.toml README.md ./
+COPY pyproject.toml constraints.txt README.md ./
 COPY router ./router
 COPY media ./media
 COPY metering ./metering
 COPY tenancy ./tenancy
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir -c constraints.txt .
 
 USER callgate
 VOLUME ["/var/lib/callgate"]

@@ -260,8 +260,7 @@ async def _state_when(
                         return state
                 await pubsub.get_message(timeout=1.0)
     finally:
-        # redis-py leaves PubSub.aclose unannotated.
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 async def _leaving_workspace(callgate: CallgateProcess, name: str) -> dict[str, Any]:
