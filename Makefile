@@ -29,14 +29,17 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy
 
-# promtool checks the alert rules and a real Prometheus runs the dashboards'
-# queries; Debian's prometheus package carries both.
+# promtool checks the alert rules; a real Prometheus runs the dashboards'
+# queries and the rules, and a real Alertmanager pages with what fires.
+# Debian's prometheus and prometheus-alertmanager packages carry them.
+MONITORING := prometheus prometheus-alertmanager
 tools:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
-	  echo "installing prometheus and promtool (Debian package prometheus)"; \
-	  apt-get install -y -q --no-install-recommends prometheus >/dev/null || \
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && \
+	  command -v prometheus-alertmanager >/dev/null || { \
+	  echo "installing Debian packages: $(MONITORING)"; \
+	  apt-get install -y -q --no-install-recommends $(MONITORING) >/dev/null || \
 	  { apt-get update -q >/dev/null && \
-	    apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }
+	    apt-get install -y -q --no-install-recommends $(MONITORING) >/dev/null; }; }
 
 pytest: $(VENV)/.dev-installed tools
 	$(BIN)/pytest

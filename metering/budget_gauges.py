@@ -16,9 +16,19 @@ from prometheus_client import Gauge
 
 from metering.ledger import Ledger
 from metering.metrics import Metrics
-from metering.plans import MS_PER_MINUTE, hard_cap_ms, period_of, statement
+from metering.plans import (
+    MS_PER_MINUTE,
+    hard_cap_ms,
+    overrun_bound_ms,
+    period_of,
+    statement,
+)
 from metering.quota import Quota
 from tenancy.workspaces import Workspaces, now_ms
+
+# D in the overrun bound, as the slow hang-up alert assumes it: that alert
+# fires when the 99th percentile of measured hang-ups takes longer.
+ASSUMED_HANGUP_MS = 1_000
 
 
 class BudgetGauges:
@@ -30,12 +40,18 @@ class BudgetGauges:
         workspaces: Workspaces,
         quota: Quota,
         ledger: Ledger,
+        *,
+        tick_ms: int,
+        lease_ms: int,
         max_age_secs: float = 5.0,
     ) -> None:
+        """``tick_ms`` and ``lease_ms`` are τ and L of the overrun bound."""
         self._metrics = metrics
         self._workspaces = workspaces
         self._quota = quota
         self._ledger = ledger
+        self._tick_ms = tick_ms
+        self._lease_ms = lease_ms
         self._max_age_secs = max_age_secs
         self._read_at: float | None = None
         self._lock = asyncio.Lock()
@@ -55,11 +71,22 @@ class BudgetGauges:
                 period = period_of(now_ms(), plan.timezone).label
                 state = await self._quota.state(workspace.id, period)
                 allowance_ms = hard_cap_ms(plan)
+                policy = workspace.policy
+                bound_ms = overrun_bound_ms(
+                    plan,
+                    tick_ms=self._tick_ms,
+                    lease_ms=self._lease_ms,
+                    emergency_grant_ms=(
+                        policy.emergency_grant_ms if policy.outage == "continue" else 0
+                    ),
+                    hangup_ms=ASSUMED_HANGUP_MS,
+                )
                 times[workspace.id] = (
                     plan.included_minutes * MS_PER_MINUTE / 1000,
                     allowance_ms / 1000,
                     state.used_ms / 1000,
                     max(0, allowance_ms - state.used_ms) / 1000,
+                    bound_ms / 1000,
                 )
                 usage = await self._ledger.usage(workspace.id, period)
                 bill = statement(plan, state.used_ms, usage.cost_micros)
@@ -75,6 +102,7 @@ class BudgetGauges:
                     metrics.budget_allowance,
                     metrics.budget_used,
                     metrics.budget_remaining,
+                    metrics.budget_overrun_bound,
                 ),
                 {(workspace_id,): values for workspace_id, values in times.items()},
             )

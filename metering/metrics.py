@@ -6,7 +6,11 @@ call. Counters are per process and sum across processes in PromQL.
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from metering.plans import Provider
 
 _NAMESPACE = "callgate"
 
@@ -93,6 +97,14 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        self.budget_overrun_bound = Gauge(
+            "budget_overrun_bound_seconds",
+            "How far billed time may pass the hard cap by design (the published "
+            "overrun bound, hang-up latency taken as 1 s).",
+            ["workspace"],
+            namespace=_NAMESPACE,
+            registry=registry,
+        )
         money = "in the currency label's units, read from the store"
         self.period_price = Gauge(
             "period_price",
@@ -147,6 +159,11 @@ class Metrics:
             namespace=_NAMESPACE,
             registry=registry,
         )
+        # Both providers' series exist from the start, so the upstream error
+        # alert divides by a zero rate, not by a missing series, while every
+        # call fails before its first attempt.
+        for provider in get_args(Provider):
+            self.upstream_connect.labels(provider)
         self.relay_latency = Histogram(
             "relay_latency_seconds",
             "Per batch written, how long its oldest frame waited in Callgate "

@@ -30,7 +30,7 @@ MS_PER_MINUTE: Final = 60_000
 # above 2**53 would silently lose its last digits there.
 MAX_EXACT_INT: Final = 2**53 - 1
 
-_INCREMENT_MS: Final[dict[str, int]] = {
+INCREMENT_MS: Final[dict[BillingIncrement, int]] = {
     "second": 1_000,
     "six_seconds": 6_000,
     "minute": 60_000,
@@ -69,7 +69,7 @@ def bill_ms(duration_ms: int, increment: BillingIncrement) -> int:
     """
     if duration_ms < 0:
         raise ValueError("duration_ms must not be negative")
-    step_ms = _INCREMENT_MS.get(increment)
+    step_ms = INCREMENT_MS.get(increment)
     if step_ms is None:
         raise ValueError("unknown billing increment")
     return _ceil_div(duration_ms, step_ms) * step_ms
@@ -248,6 +248,28 @@ def hard_cap_ms(plan: Plan) -> int:
         bought_ms = plan.overage_limit * MS_PER_MINUTE
         return included_ms + bought_ms // plan.overage_price_micros_per_minute
     return included_ms
+
+
+def overrun_bound_ms(
+    plan: Plan,
+    *,
+    tick_ms: int,
+    lease_ms: int,
+    emergency_grant_ms: int,
+    hangup_ms: int,
+) -> int:
+    """How far a period's billed time may pass :func:`hard_cap_ms` by design.
+
+    This is the README's published bound, the worst of its three cases: each of
+    the ``max_concurrent_calls`` calls live at the cap runs on for a report
+    tick (normal running), a lease (its process died) or the emergency grant
+    (a store outage under ``continue``; pass 0 under ``terminate``), then takes
+    ``hangup_ms`` to end, and its settlement rounds up by one billing increment.
+    Billed time beyond the cap plus this means enforcement failed.
+    """
+    run_on_ms = max(tick_ms, lease_ms, emergency_grant_ms)
+    per_call_ms = run_on_ms + hangup_ms + INCREMENT_MS[plan.billing_increment]
+    return plan.max_concurrent_calls * per_call_ms
 
 
 @dataclass(frozen=True, slots=True)

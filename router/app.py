@@ -150,7 +150,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         after_secs=settings.reconcile_after_secs,
     )
     app[RECONCILER] = reconciler
-    app[BUDGET_GAUGES] = BudgetGauges(app[webhooks.METRICS], workspaces, quota, ledger)
+    app[BUDGET_GAUGES] = BudgetGauges(
+        app[webhooks.METRICS],
+        workspaces,
+        quota,
+        ledger,
+        tick_ms=settings.flush_interval_ms,
+        lease_ms=settings.lease_ms,
+    )
     offboarding = Offboarding(
         store,
         workspaces,

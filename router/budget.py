@@ -20,7 +20,7 @@ from aiohttp import web
 
 from metering.meter import Budget, CallSession, Meter
 from metering.metrics import Metrics
-from metering.plans import Plan, hard_cap_ms, period_of
+from metering.plans import INCREMENT_MS, Plan, hard_cap_ms, period_of
 from metering.quota import Admission, Quota
 from router.settings import Settings
 from tenancy import keyspace
@@ -30,7 +30,6 @@ from tenancy.replies import Store, texts
 from tenancy.twilio_api import TwilioApi, TwilioApiError
 from tenancy.workspaces import CallPolicy, Workspaces, now_ms
 
-BILLING_STEP_MS = {"second": 1_000, "six_seconds": 6_000, "minute": 60_000}
 # The smallest first grant worth answering a call for.
 MIN_GRANT_MS = 1_000
 
@@ -69,7 +68,7 @@ def budget(plan: Plan, policy: CallPolicy, period: str, settings: Settings) -> B
         grant_ms=settings.grant_ms,
         limit_ms=hard_cap_ms(plan),
         lease_ms=settings.lease_ms,
-        billing_step_ms=BILLING_STEP_MS[plan.billing_increment],
+        billing_step_ms=INCREMENT_MS[plan.billing_increment],
         outage=policy.outage,
         emergency_grant_ms=policy.emergency_grant_ms,
     )
@@ -153,7 +152,7 @@ class Sweeper:
                 # Settle before hanging up, so the books are closed by the time
                 # anything outside can see the call end.
                 plan = await self._workspaces.plan(workspace_id)
-                step = BILLING_STEP_MS[plan.billing_increment] if plan else 0
+                step = INCREMENT_MS[plan.billing_increment] if plan else 0
                 await self._meter.end_call(
                     workspace_id, lost.call_sid, "owner_lost", billing_step_ms=step
                 )

@@ -15,9 +15,9 @@ from aiohttp import web
 from media.bridge import EndReason
 from metering.ledger import CallNotFoundError
 from metering.meter import CallSession
-from metering.plans import period_of
+from metering.plans import INCREMENT_MS, period_of
 from router import twiml
-from router.budget import BILLING_STEP_MS, budget
+from router.budget import budget
 from router.stream import TWILIO_API
 from router.webhooks import (
     METER,
@@ -103,7 +103,7 @@ async def sip_status(request: web.Request) -> web.Response:
             if session is not None and session.exhausted:
                 reason = EndReason(session.cutoff_reason)
             plan = await app[api.WORKSPACES].plan(workspace_id)
-            step = BILLING_STEP_MS[plan.billing_increment] if plan else 0
+            step = INCREMENT_MS[plan.billing_increment] if plan else 0
             await app[METER].end_call(
                 workspace_id, call_sid, reason.value, billing_step_ms=step
             )

@@ -33,7 +33,7 @@ async def _promtool(*args: str) -> str:
 async def test_rules_are_valid() -> None:
     """Every rule parses and every expression is valid PromQL."""
     report = await _promtool("check", "rules", "alerts.yml")
-    assert "SUCCESS: 9 rules found" in report
+    assert "SUCCESS: 10 rules found" in report
 
 
 async def test_rules_fire_for_the_workspace_over_budget_only() -> None:

@@ -1,14 +1,17 @@
-"""A real Prometheus scrapes two Callgate processes; every dashboard query answers.
+"""A real Prometheus scrapes two Callgate processes; panels answer, alerts page.
 
-Prometheus is the Debian package's server (``make test`` installs it). Two
-``callgate serve`` processes share one store; calls run in two workspaces,
-one on each process, and one call is refused for concurrency. Then every
-PromQL expression of every dashboard panel goes through Prometheus's HTTP
-API: each must return data, and the per-client minutes must equal what the
-API reports as each workspace's billed usage.
+Prometheus and Alertmanager are the Debian packages' servers (``make test``
+installs them). Two ``callgate serve`` processes share one store; calls run in
+two workspaces, one on each process, and one call is refused for concurrency.
+Then every PromQL expression of every dashboard panel goes through
+Prometheus's HTTP API: each must return data, and the per-client minutes must
+equal what the API reports as each workspace's billed usage. Prometheus also
+evaluates ``dashboards/alerts.yml``: the workspace that spent its budget pages
+through Alertmanager, and the other stays silent.
 
-Prometheus has no way to announce a scrape, so the waits here poll its API
-(and the operator API) against a deadline.
+Prometheus has no way to announce a scrape or an evaluation, so the waits on
+it poll its API (and the operator API) against a deadline; the wait for a page
+is on the receiver.
 """
 
 from __future__ import annotations
@@ -16,41 +19,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import socket
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.harness import CallgateProcess, callgate_process, running_peers
+from tests.monitoring import running_alertmanager, running_prometheus, until
 from tests.peers.audio import split_frames, tone_mulaw
+from tests.peers.pager import Pager
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 NUMBER_A = "+15005550001"
 NUMBER_B = "+15005550002"
 CALLER = "+14155550123"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after 60 s."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 60
-    while True:
-        if await check():
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.25)
+# What alpha's one call, billed as a whole minute on a one-minute plan, sets off.
+ALPHA_ALERTS = {"CallgateBudget100Percent", "CallgateBudgetExhausted"}
 
 
 async def _talk(callgate: CallgateProcess, number: str) -> None:
@@ -77,9 +61,7 @@ def _panel_queries() -> list[str]:
 async def test_every_dashboard_query_answers_from_a_real_prometheus(
     valkey_url: str, tmp_path: Path
 ) -> None:
-    """Two processes, two workspaces: panels have data, minutes match the API."""
-    prometheus = shutil.which("prometheus")
-    assert prometheus is not None, "prometheus is missing: `make test` installs it"
+    """Two processes, two workspaces: panels have data, minutes match, alerts page."""
     env = {"CALLGATE_REDIS_URL": valkey_url, "CALLGATE_FLUSH_INTERVAL_MS": "200"}
     async with contextlib.AsyncExitStack() as stack:
         peers = await stack.enter_async_context(running_peers())
@@ -92,53 +74,30 @@ async def test_every_dashboard_query_answers_from_a_real_prometheus(
         targets = [
             url.removeprefix("http://") for url in (first.base_url, second.base_url)
         ]
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            json.dumps(
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "scrape_configs": [
-                        {
-                            "job_name": "callgate",
-                            "static_configs": [{"targets": targets}],
-                        }
-                    ],
-                }
+        http = await stack.enter_async_context(aiohttp.ClientSession())
+        pager = Pager()
+        await pager.start()
+        stack.push_async_callback(pager.close)
+        alertmanager = await stack.enter_async_context(
+            running_alertmanager(http, tmp_path / "alertmanager", pager.url)
+        )
+        prometheus = await stack.enter_async_context(
+            running_prometheus(
+                http,
+                tmp_path / "prometheus",
+                targets,
+                rule_files=[DASHBOARDS / "alerts.yml"],
+                alertmanager=alertmanager,
             )
         )
-        port = _free_port()
-        server = await asyncio.create_subprocess_exec(
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        stack.push_async_callback(server.wait)
-        stack.callback(server.terminate)
-        http = await stack.enter_async_context(aiohttp.ClientSession())
-        api = f"http://127.0.0.1:{port}/api/v1/query"
-
-        async def query(expr: str) -> list[dict[str, Any]]:
-            async with http.get(api, params={"query": expr}) as response:
-                body = await response.json()
-            assert body["status"] == "success", (expr, body)
-            result: list[dict[str, Any]] = body["data"]["result"]
-            return result
-
-        async def ready() -> bool:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/-/ready") as response:
-                    return response.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await _until(ready, "prometheus ready")
+        query = prometheus.query
 
         alpha = await first.tenant("alpha", NUMBER_A)
         bravo = await first.tenant("bravo", NUMBER_B)
-        await first.put_plan(alpha, {"included_minutes": 10})
+        # One call billed as a whole minute spends alpha's whole plan.
+        await first.put_plan(
+            alpha, {"included_minutes": 1, "billing_increment": "minute"}
+        )
         await first.put_plan(bravo, {"included_minutes": 10, "max_concurrent_calls": 1})
         # Alpha talks on one process while bravo talks on the other.
         bravo_call = asyncio.create_task(_talk(second, NUMBER_B))
@@ -162,7 +121,7 @@ async def test_every_dashboard_query_answers_from_a_real_prometheus(
                 usage = await first.usage(workspace_id)
                 return usage["calls"] == calls and usage["statement"] is not None
 
-            await _until(settled, "calls settled")
+            await until(settled, "calls settled")
         for workspace_id in (alpha, bravo):
             usage = await first.usage(workspace_id)
             expected[workspace_id] = usage["statement"]["billed_ms"] / 60_000
@@ -187,11 +146,31 @@ async def test_every_dashboard_query_answers_from_a_real_prometheus(
                 for w, m in expected.items()
             )
 
-        await _until(caught_up, "prometheus has the final usage and cost")
+        await until(caught_up, "prometheus has the final usage and cost")
         for expr in _panel_queries():
             dashboard_expr = expr.replace("$workspace", alpha)
 
             async def answers(dashboard_expr: str = dashboard_expr) -> bool:
                 return bool(await query(dashboard_expr))
 
-            await _until(answers, dashboard_expr)
+            await until(answers, dashboard_expr)
+
+        # Alpha spent everything its plan allows: both of its alerts page,
+        # named for alpha, with their severity and runbook.
+        for name in sorted(ALPHA_ALERTS):
+            page = await pager.wait_paged(name, timeout_secs=60, workspace=alpha)
+            assert page.status == "firing"
+            assert page.labels["severity"] == "warning"
+            assert alpha in page.annotations["description"]
+            runbook = f"dashboards/README.md#{name.lower()}"
+            assert page.annotations["runbook"] == runbook
+        # Bravo's gauges were evaluated beside alpha's and set off nothing, and
+        # alpha, though at its cap, is not past it by more than the bound.
+        firing = {
+            (r["metric"]["alertname"], r["metric"].get("workspace"))
+            for r in await query("ALERTS")
+        }
+        assert firing == {(name, alpha) for name in ALPHA_ALERTS}
+        assert not [
+            page for page in pager.pages if page.labels.get("workspace") == bravo
+        ]

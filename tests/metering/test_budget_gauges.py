@@ -73,6 +73,9 @@ async def test_two_processes_export_the_budget_the_store_holds(
         "callgate_budget_allowance_seconds": 180.0,
         "callgate_budget_used_seconds": used_secs,
         "callgate_budget_remaining_seconds": 180.0 - used_secs,
+        # One call at a time: the 60 s emergency grant (longer than the tick
+        # and the lease), 1 s to hang up and a one-second billing increment.
+        "callgate_budget_overrun_bound_seconds": 62.0,
         "callgate_period_price EUR": 5.0,
         "callgate_period_cost EUR": bill["cost_micros"] / 1e6,
         "callgate_period_margin EUR": bill["margin_micros"] / 1e6,

@@ -21,6 +21,7 @@ from metering.plans import (
     call_cost_micros,
     day_of,
     hard_cap_ms,
+    overrun_bound_ms,
     period_of,
     statement,
 )
@@ -286,6 +287,21 @@ def test_hard_cap_ms_money_cap_keeps_charge_within_limit() -> None:
     # 8_571_428 ms * 70_000 / 60_000 = 9_999_999.33… micros, half up 9_999_999.
     charged = statement(MONEY_PLAN, cap_ms, 0)
     assert charged.price_micros == 49_000_000 + 9_999_999
+
+
+def test_overrun_bound_ms_takes_the_worst_case_per_call() -> None:
+    """Each concurrent call adds its longest run-on, a hang-up and one increment."""
+    plan = Plan(included_minutes=10, max_concurrent_calls=3, billing_increment="minute")
+    # The lease (10 s) outlasts the tick and, under terminate, the outage case.
+    bound = overrun_bound_ms(
+        plan, tick_ms=1_000, lease_ms=10_000, emergency_grant_ms=0, hangup_ms=1_000
+    )
+    assert bound == 3 * (10_000 + 1_000 + 60_000)
+    # Under continue, a 60 s emergency grant is the longest a call runs on.
+    bound = overrun_bound_ms(
+        plan, tick_ms=1_000, lease_ms=10_000, emergency_grant_ms=60_000, hangup_ms=0
+    )
+    assert bound == 3 * (60_000 + 60_000)
 
 
 def test_period_of_utc_instant_still_november_in_los_angeles() -> None:

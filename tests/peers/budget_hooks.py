@@ -6,7 +6,6 @@ to show that deliveries are retried.
 """
 
 import asyncio
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +13,7 @@ import orjson
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from .serving import serve_on_loopback
 from .waiting import Changes
 
 __all__ = ["BudgetHookReceiver", "HookRequest"]
@@ -52,13 +52,7 @@ class BudgetHookReceiver:
         """Listen on a free loopback port."""
         app = web.Application()
         app.router.add_post("/hooks/{endpoint}", self._receive)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-        await web.SockSite(self._runner, listener).start()
-        self.base_url = f"http://127.0.0.1:{port}"
+        self._runner, self.base_url = await serve_on_loopback(app)
 
     async def close(self) -> None:
         """Stop listening."""

@@ -12,6 +12,7 @@ from typing import Any, Final, Literal
 from aiohttp import web
 
 from .errors import PeerStateError, PeerTimeoutError
+from .serving import serve_on_loopback
 from .sip import HangUpBy, SipUri, parse_sip_uri
 
 __all__ = [
@@ -185,11 +186,7 @@ class FakeRetell:
         app = web.Application()
         app.router.add_post("/v2/register-phone-call", self._register)
         app.router.add_get("/v2/get-call/{call_id}", self._get_call)
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self._runner = runner
-        self._api_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        self._runner, self._api_url = await serve_on_loopback(app)
 
     async def close(self) -> None:
         """Stop serving; a delayed registration answer is cut short."""

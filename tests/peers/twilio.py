@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .errors import DialRefusedError, PeerStateError, StreamRejected
+from .serving import serve_on_loopback
 from .sip import SipEndpoint
 from .twilio_auth import (
     API_VERSION,
@@ -386,12 +387,7 @@ class FakeTwilioRest:
         app.router.add_get(_NUMBER_PATH, self._fetch_number)
         app.router.add_post(_NUMBER_PATH, self._update_number)
         app.router.add_delete(_NUMBER_PATH, self._release_number)
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self._runner = runner
-        host, port = runner.addresses[0][:2]
-        self._url = f"http://{host}:{port}"
+        self._runner, self._url = await serve_on_loopback(app)
 
     async def close(self) -> None:
         """Stop serving."""

@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .errors import PeerStateError, PeerTimeoutError
+from .serving import serve_on_loopback
 from .waiting import Changes, wait_for_event
 
 __all__ = ["FakeVapi", "FakeVapiCall", "create_call_problems"]
@@ -195,12 +196,7 @@ class FakeVapi:
 
         app = web.Application()
         app.router.add_post("/call", self._create_call)
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self._runner = runner
-        api_port = runner.addresses[0][1]
-        self._api_url = f"http://127.0.0.1:{api_port}"
+        self._runner, self._api_url = await serve_on_loopback(app)
 
     async def close(self) -> None:
         """Close every transport (1001) and stop both servers."""
