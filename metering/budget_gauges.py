@@ -55,6 +55,16 @@ class BudgetGauges:
         self._max_age_secs = max_age_secs
         self._read_at: float | None = None
         self._lock = asyncio.Lock()
+        self._times = _Family(
+            metrics.budget_included,
+            metrics.budget_allowance,
+            metrics.budget_used,
+            metrics.budget_remaining,
+            metrics.budget_overrun_bound,
+        )
+        self._money = _Family(
+            metrics.period_price, metrics.period_cost, metrics.period_margin
+        )
 
     async def refresh(self) -> None:
         """Read every budget again unless the last read is recent enough."""
@@ -62,16 +72,25 @@ class BudgetGauges:
             now = time.monotonic()
             if self._read_at is not None and now - self._read_at < self._max_age_secs:
                 return
-            times: dict[str, tuple[float, ...]] = {}
+            # A few round trips however many workspaces: their records, their
+            # plans, then this period's budgets and costs, each pipelined.
+            workspaces = {w.id: w for w in await self._workspaces.all()}
+            plans = await self._workspaces.plans(list(workspaces))
+            periods = [
+                (workspace_id, period_of(now_ms(), plan.timezone).label)
+                for workspace_id, plan in plans.items()
+            ]
+            states = await self._quota.states(periods)
+            costs = await self._ledger.costs_micros(periods)
+
+            times: dict[tuple[str, ...], tuple[float, ...]] = {}
             money: dict[tuple[str, ...], tuple[float, ...]] = {}
-            for workspace in await self._workspaces.all():
-                plan = await self._workspaces.plan(workspace.id)
-                if plan is None:
-                    continue
-                period = period_of(now_ms(), plan.timezone).label
-                state = await self._quota.state(workspace.id, period)
+            for (workspace_id, _), state, cost_micros in zip(
+                periods, states, costs, strict=True
+            ):
+                plan = plans[workspace_id]
                 allowance_ms = hard_cap_ms(plan)
-                policy = workspace.policy
+                policy = workspaces[workspace_id].policy
                 bound_ms = overrun_bound_ms(
                     plan,
                     tick_ms=self._tick_ms,
@@ -81,45 +100,41 @@ class BudgetGauges:
                     ),
                     hangup_ms=ASSUMED_HANGUP_MS,
                 )
-                times[workspace.id] = (
+                times[(workspace_id,)] = (
                     plan.included_minutes * MS_PER_MINUTE / 1000,
                     allowance_ms / 1000,
                     state.used_ms / 1000,
                     max(0, allowance_ms - state.used_ms) / 1000,
                     bound_ms / 1000,
                 )
-                usage = await self._ledger.usage(workspace.id, period)
-                bill = statement(plan, state.used_ms, usage.cost_micros)
-                money[workspace.id, plan.currency] = (
+                bill = statement(plan, state.used_ms, cost_micros)
+                money[workspace_id, plan.currency] = (
                     bill.price_micros / 1e6,
                     bill.cost_micros / 1e6,
                     bill.margin_micros / 1e6,
                 )
-            metrics = self._metrics
-            _publish(
-                (
-                    metrics.budget_included,
-                    metrics.budget_allowance,
-                    metrics.budget_used,
-                    metrics.budget_remaining,
-                    metrics.budget_overrun_bound,
-                ),
-                {(workspace_id,): values for workspace_id, values in times.items()},
-            )
-            _publish(
-                (metrics.period_price, metrics.period_cost, metrics.period_margin),
-                money,
-            )
+            self._times.publish(times)
+            self._money.publish(money)
             self._read_at = time.monotonic()
 
 
-def _publish(
-    gauges: tuple[Gauge, ...], values: dict[tuple[str, ...], tuple[float, ...]]
-) -> None:
-    # A workspace deleted since the last read disappears from the scrape, and
-    # one whose plan changed currency keeps no series under the old one.
-    for gauge in gauges:
-        gauge.clear()
-    for labels, numbers in values.items():
-        for gauge, value in zip(gauges, numbers, strict=True):
-            gauge.labels(*labels).set(value)
+class _Family:
+    """Gauges that share label sets, set together from one read of the store."""
+
+    def __init__(self, *gauges: Gauge) -> None:
+        self._gauges = gauges
+        self._published: set[tuple[str, ...]] = set()
+
+    def publish(self, values: dict[tuple[str, ...], tuple[float, ...]]) -> None:
+        """Set each label set's values; drop the label sets no longer read."""
+        # A workspace deleted since the last read disappears from the scrape,
+        # and one whose plan changed currency keeps no series under the old
+        # one. The others keep their children: making them anew on every
+        # read was most of a scrape's cost with many workspaces.
+        for labels in self._published - values.keys():
+            for gauge in self._gauges:
+                gauge.remove(*labels)
+        for labels, numbers in values.items():
+            for gauge, value in zip(self._gauges, numbers, strict=True):
+                gauge.labels(*labels).set(value)
+        self._published = set(values)

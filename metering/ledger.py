@@ -7,6 +7,7 @@ that workspace's Redis Cluster slot. Periods are UTC calendar months and days.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
@@ -310,6 +311,14 @@ class Ledger:
             )
             pairs += _scored(rest)
         return pairs[:count]
+
+    async def costs_micros(self, periods: Sequence[tuple[str, str]]) -> list[int]:
+        """The cost to serve of each (workspace id, period), in one round trip."""
+        async with self._store.pipeline(transaction=False) as pipe:
+            for workspace_id, period in periods:
+                pipe.hget(keyspace.usage(workspace_id, period), "cost_micros")
+            replies: list[Any] = await pipe.execute()
+        return [int(text(raw)) if raw is not None else 0 for raw in replies]
 
     async def usage(self, workspace_id: str, period: str) -> Usage:
         """Usage for a month (``YYYY-MM``) or a day (``YYYY-MM-DD``)."""

@@ -12,7 +12,7 @@ runs unchanged on Redis Cluster.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, Literal
@@ -240,14 +240,16 @@ class Quota:
 
     async def state(self, workspace_id: str, period: str) -> QuotaState:
         """The workspace's budget for ``period`` as the store holds it now."""
-        fields = text_map(
-            await self._store.hgetall(keyspace.quota(workspace_id, period))
-        )
-        return QuotaState(
-            limit_ms=int(fields.get("limit_ms", 0)),
-            used_ms=int(fields.get("used_ms", 0)),
-            reserved_ms=int(fields.get("reserved_ms", 0)),
-        )
+        fields = await self._store.hgetall(keyspace.quota(workspace_id, period))
+        return _quota_state(fields)
+
+    async def states(self, budgets: Sequence[tuple[str, str]]) -> list[QuotaState]:
+        """:meth:`state` of each (workspace id, period), in one round trip."""
+        async with self._store.pipeline(transaction=False) as pipe:
+            for workspace_id, period in budgets:
+                pipe.hgetall(keyspace.quota(workspace_id, period))
+            replies: list[Any] = await pipe.execute()
+        return [_quota_state(fields) for fields in replies]
 
     async def live_calls(self, workspace_id: str, now_ms: int) -> int:
         """Calls holding an unexpired lease: what counts against the cap."""
@@ -341,4 +343,13 @@ def answer(reply: Any) -> ReportAnswer:
         state=_STATES.get(text(reply[2]), "closed"),
         added_ms=int(reply[3]),
         events=int(reply[4]),
+    )
+
+
+def _quota_state(raw: Any) -> QuotaState:
+    fields = text_map(raw)
+    return QuotaState(
+        limit_ms=int(fields.get("limit_ms", 0)),
+        used_ms=int(fields.get("used_ms", 0)),
+        reserved_ms=int(fields.get("reserved_ms", 0)),
     )

@@ -7,6 +7,7 @@ and agent ids, and never leaves this module except to open an upstream call.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -189,6 +190,18 @@ class Workspaces:
         """The workspace's plan, or ``None`` when no budget is enforced."""
         fields = text_map(await self._store.hgetall(keyspace.plan(workspace_id)))
         return Plan.from_fields(fields) if fields else None
+
+    async def plans(self, workspace_ids: Sequence[str]) -> dict[str, Plan]:
+        """The plans of those of ``workspace_ids`` that have one, in one round trip."""
+        async with self._store.pipeline(transaction=False) as pipe:
+            for workspace_id in workspace_ids:
+                pipe.hgetall(keyspace.plan(workspace_id))
+            replies = await pipe.execute()
+        return {
+            workspace_id: Plan.from_fields(text_map(fields))
+            for workspace_id, fields in zip(workspace_ids, replies, strict=True)
+            if fields
+        }
 
     async def set_plan(self, workspace_id: str, plan: Plan) -> None:
         """Replace the workspace's plan; running calls follow it within a grant."""

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import redis.asyncio as redis
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Harness, callgate_process
+from metering.budget_gauges import BudgetGauges
+from metering.ledger import Ledger
+from metering.metrics import Metrics
+from metering.plans import Plan
+from metering.quota import Quota
+from tenancy import keyspace
+from tenancy.vault import Vault
+from tenancy.workspaces import Workspaces
+from tests.harness import SECRET_KEY, Harness, callgate_process
 from tests.peers.audio import split_frames, tone_mulaw
 
 NUMBER = "+15005550001"
@@ -81,3 +91,50 @@ async def test_two_processes_export_the_budget_the_store_holds(
         "callgate_period_margin EUR": bill["margin_micros"] / 1e6,
     }
     assert bill["price_micros"] == 5_000_000
+
+
+async def test_gauges_drop_the_series_of_a_changed_currency_and_a_deleted_workspace(
+    store: redis.Redis,
+) -> None:
+    """A re-read keeps no series for a currency or a workspace that is gone."""
+    registry = CollectorRegistry()
+    workspaces = Workspaces(store, Vault(SECRET_KEY))
+    gauges = BudgetGauges(
+        Metrics(registry),
+        workspaces,
+        Quota(store),
+        Ledger(store),
+        tick_ms=1_000,
+        lease_ms=10_000,
+        max_age_secs=0,
+    )
+    alpha = await workspaces.create("alpha")
+    bravo = await workspaces.create("bravo")
+    fee = 2_000_000
+    await workspaces.set_plan(alpha.id, Plan(base_fee_micros=fee, currency="EUR"))
+    await workspaces.set_plan(bravo.id, Plan(included_minutes=5))
+    await gauges.refresh()
+    price = "callgate_period_price"
+    assert registry.get_sample_value(price, {"workspace": alpha.id, "currency": "EUR"})
+    used = {"workspace": bravo.id}
+    assert registry.get_sample_value("callgate_budget_used_seconds", used) == 0
+
+    await workspaces.set_plan(alpha.id, Plan(base_fee_micros=fee, currency="USD"))
+    # What offboarding's last step leaves: no index entry, no keys.
+    await store.zrem(keyspace.WORKSPACES, bravo.id)
+    async for key in store.scan_iter(match=keyspace.workspace_pattern(bravo.id)):
+        await store.delete(key)
+    await gauges.refresh()
+
+    assert (
+        registry.get_sample_value(price, {"workspace": alpha.id, "currency": "EUR"})
+        is None
+    )
+    assert (
+        registry.get_sample_value(price, {"workspace": alpha.id, "currency": "USD"})
+        == 2.0
+    )
+    assert registry.get_sample_value("callgate_budget_used_seconds", used) is None
+    assert (
+        registry.get_sample_value("callgate_budget_overrun_bound_seconds", used) is None
+    )
