@@ -337,7 +337,7 @@ class Offboarding:
                     "offboarding %s stopped at %s", workspace_id, step
                 )
                 try:
-                    await self._save(state)
+                    await self._save(state, final=True)
                 except (StoreError, redis.RedisError):
                     # Left "running" in the store: a restart resumes it.
                     tenancy_logger.warning("could not record where it stopped")
@@ -345,12 +345,12 @@ class Offboarding:
             state["steps"][step] = "done"
             if state.get("pause_after") == step and step != STEPS[-1]:
                 state["status"] = "paused"
-                await self._save(state)
+                await self._save(state, final=True)
                 return state
             await self._save(state)
         state["status"] = "done"
         state["finished_at_ms"] = now_ms()
-        await self._save(state)
+        await self._save(state, final=True)
         return state
 
     async def _step_suspend(self, workspace_id: str, state: dict[str, Any]) -> None:
@@ -560,7 +560,13 @@ class Offboarding:
             keyspace.CERTIFICATES, workspace_id, orjson.dumps(certificate)
         )
 
-    async def _save(self, state: dict[str, Any]) -> None:
+    async def _save(self, state: dict[str, Any], final: bool = False) -> None:
+        """Save the state, fenced by this process's lease while it holds one.
+
+        A ``final`` save (failed, paused or done) gives the lease back in the
+        same script: whoever sees the run stopped can resume it at once, even
+        if this process dies before its ``finally`` drops the lease.
+        """
         workspace_id = state["workspace_id"]
         if workspace_id not in self._leased:
             await self._store.hset(
@@ -569,7 +575,7 @@ class Offboarding:
             return
         saved = await self._save_fenced(
             keys=[keyspace.OFFBOARDINGS, keyspace.OFFBOARDING_LEASES],
-            args=[workspace_id, orjson.dumps(state), self._token],
+            args=[workspace_id, orjson.dumps(state), self._token, int(final)],
         )
         if not saved:
             raise LeaseLostError(workspace_id)
@@ -607,14 +613,17 @@ end
 return 0
 """
 # KEYS[1] the offboardings hash, KEYS[2] the lease hash; ARGV[1] workspace
-# id, ARGV[2] its state as JSON, ARGV[3] process token. Saves only for the
-# lease's holder.
+# id, ARGV[2] its state as JSON, ARGV[3] process token, ARGV[4] 1 to give the
+# lease back with this save. Saves only for the lease's holder.
 _SAVE_FENCED = """
 local held = redis.call('HGET', KEYS[2], ARGV[1])
 if not held or string.match(held, '^(.-):') ~= ARGV[3] then
   return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
 return 1
 """
 

@@ -370,6 +370,10 @@ async def test_killed_after_any_step_the_rerun_ends_as_an_unbroken_run(
                 assert status == 202
                 paused = await _state_when(store, workspace["id"], {"paused", "failed"})
                 assert list(paused["steps"])[-1] == step
+                # The pause gave the lease back with the same write, so a
+                # process killed right after it leaves the resume to anyone.
+                leases = keyspace.OFFBOARDING_LEASES
+                assert await store.hget(leases, workspace["id"]) is None
                 callgate.process.send_signal(signal.SIGKILL)
                 await callgate.process.wait()
             async with callgate_process(data_dir, peers, **env) as callgate:
