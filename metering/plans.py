@@ -330,12 +330,14 @@ class RateCard:
     """What serving one minute costs the agency, per provider, in micro-units.
 
     The defaults are published list prices when this was written (Twilio inbound voice
-    $0.0085/min, Vapi's platform fee $0.05/min, Retell from $0.07/min), here so
-    that a fresh install shows plausible margins. They are not quotes: override
-    them with the agency's contracted rates.
+    $0.0085/min, Twilio's outbound SIP interface $0.004/min, Vapi's platform fee
+    $0.05/min, Retell from $0.07/min), here so that a fresh install shows
+    plausible margins. They are not quotes: override them with the agency's
+    contracted rates.
     """
 
     twilio_micros_per_minute: int = 8_500
+    twilio_sip_micros_per_minute: int = 4_000
     vapi_micros_per_minute: int = 50_000
     retell_micros_per_minute: int = 70_000
 
@@ -360,24 +362,28 @@ class CallCost:
 def call_cost_micros(duration_ms: int, provider: Provider, card: RateCard) -> CallCost:
     """The cost to serve one call of ``duration_ms`` through ``provider``.
 
-    Twilio bills every started minute of each call, so any call longer than
-    0 ms costs at least a minute (protocols §4). Vapi and Retell bill per
-    second (§5.5, §6.4): the duration is rounded up to whole seconds and priced
-    at a sixtieth of the per-minute rate, half up to a whole micro-unit.
-    Retell's 10 s minimum for short calls that open with a dynamic greeting is
-    not modelled.
+    Twilio bills every started minute of each call leg, so any call longer
+    than 0 ms costs at least a minute (protocols §4). A Retell call has two
+    legs, the caller's and the ``<Dial><Sip>`` leg to Retell, each billed
+    apart; both are priced on ``duration_ms``, the SIP leg's connected time.
+    Vapi and Retell bill per second (§5.5, §6.4): the duration is rounded up
+    to whole seconds and priced at a sixtieth of the per-minute rate, half up
+    to a whole micro-unit. Retell's 10 s minimum for short calls that open
+    with a dynamic greeting is not modelled.
     """
     if duration_ms < 0:
         raise ValueError("duration_ms must not be negative")
+    twilio_per_minute = card.twilio_micros_per_minute
     if provider == "vapi":
         platform_per_minute = card.vapi_micros_per_minute
     elif provider == "retell":
         platform_per_minute = card.retell_micros_per_minute
+        twilio_per_minute += card.twilio_sip_micros_per_minute
     else:
         raise ValueError("unknown provider")
 
     twilio_minutes = _ceil_div(duration_ms, MS_PER_MINUTE)
-    twilio_micros = twilio_minutes * card.twilio_micros_per_minute
+    twilio_micros = twilio_minutes * twilio_per_minute
     platform_secs = _ceil_div(duration_ms, MS_PER_SECOND)
     platform_micros = _div_half_up(platform_secs * platform_per_minute, 60)
     return CallCost(

@@ -154,6 +154,9 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             twilio_micros_per_minute=_integer(
                 env, "CALLGATE_RATE_TWILIO_MICROS_PER_MIN", 8_500, 0, 10**9
             ),
+            twilio_sip_micros_per_minute=_integer(
+                env, "CALLGATE_RATE_TWILIO_SIP_MICROS_PER_MIN", 4_000, 0, 10**9
+            ),
             vapi_micros_per_minute=_integer(
                 env, "CALLGATE_RATE_VAPI_MICROS_PER_MIN", 50_000, 0, 10**9
             ),

@@ -473,9 +473,19 @@ def test_call_cost_micros_rounds_half_up() -> None:
 
 def test_call_cost_micros_totals_both_parties() -> None:
     """The total is the Twilio share plus the platform share."""
-    assert call_cost_micros(90_500, "retell", RateCard()) == CallCost(
-        twilio_micros=17_000, platform_micros=106_167, total_micros=123_167
+    assert call_cost_micros(90_500, "vapi", RateCard()) == CallCost(
+        twilio_micros=17_000, platform_micros=75_833, total_micros=92_833
     )
+
+
+def test_call_cost_micros_bills_both_twilio_legs_of_a_retell_call() -> None:
+    """A Retell call pays Twilio for the caller's leg and for the SIP leg."""
+    # Two started minutes on each leg, 2 * (8_500 + 4_000); 91 s of Retell.
+    assert call_cost_micros(90_500, "retell", RateCard()) == CallCost(
+        twilio_micros=25_000, platform_micros=106_167, total_micros=131_167
+    )
+    free_sip = RateCard(twilio_sip_micros_per_minute=0)
+    assert call_cost_micros(90_500, "retell", free_sip).twilio_micros == 17_000
 
 
 def test_call_cost_micros_rejects_bad_input() -> None:

@@ -56,6 +56,9 @@ async def test_retell_call_is_dialled_by_sip_and_metered(callgate: Harness) -> N
     assert record["provider_call_id"] == registration.call_id
     assert record["end_reason"] == "completed"
     assert 900 <= record["metered_ms"] <= 1600
+    # Both Twilio legs (one started minute each) and two seconds of Retell.
+    seconds = -(-record["metered_ms"] // 1000)
+    assert record["cost_micros"] == 8_500 + 4_000 + (seconds * 70_000 + 30) // 60
     status, usage = await callgate.api(
         "GET", f"/workspaces/{tenant.workspace_id}/usage"
     )
