@@ -13,7 +13,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from media.bridge import EndReason
-from metering.ledger import CallNotFoundError
+from metering.ledger import CallNotFoundError, CallRecord
 from metering.meter import CallSession
 from metering.plans import INCREMENT_MS, period_of
 from router import twiml
@@ -97,19 +97,7 @@ async def sip_status(request: web.Request) -> web.Response:
                 workspace_id, call_sid, {"sip_call_sid": field(form, "CallSid")}
             )
         elif status in TERMINAL and record.status != "completed":
-            answered = status == "completed" and record.started_at_ms is not None
-            reason = EndReason.COMPLETED if answered else EndReason.UPSTREAM_FAILED
-            session = app[METER].session(call_sid)
-            if session is not None and session.exhausted:
-                reason = EndReason(session.cutoff_reason)
-            plan = await app[api.WORKSPACES].plan(workspace_id)
-            step = INCREMENT_MS[plan.billing_increment] if plan else 0
-            await app[METER].end_call(
-                workspace_id, call_sid, reason.value, billing_step_ms=step
-            )
-            CallLog(call_logger, {"workspace": workspace_id, "call": call_sid}).info(
-                "call ended reason=%s sip_status=%s", reason.value, status
-            )
+            await settle(app, record, status, "sip_status")
     except CallNotFoundError:
         count.labels("sip_status", "unknown_call").inc()
         return web.Response(status=204)
@@ -122,6 +110,34 @@ async def sip_status(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def settle(
+    app: web.Application, record: CallRecord, status: str, source: str
+) -> None:
+    """Settle a SIP call that Twilio reported over, ``status`` being the leg's.
+
+    The leg's terminal callback, the ``<Dial>`` action and the caller's own
+    status callback each report the end, and any of them may be the only one
+    to arrive: Twilio retries none. The first settles the call; the others
+    find it settled and change nothing.
+    """
+    if record.ended_at_ms is not None:
+        return
+    workspace_id, call_sid = record.workspace_id, record.call_sid
+    answered = status == "completed" and record.started_at_ms is not None
+    reason = EndReason.COMPLETED if answered else EndReason.UPSTREAM_FAILED
+    session = app[METER].session(call_sid)
+    if session is not None and session.exhausted:
+        reason = EndReason(session.cutoff_reason)
+    plan = await app[api.WORKSPACES].plan(workspace_id)
+    step = INCREMENT_MS[plan.billing_increment] if plan else 0
+    await app[METER].end_call(
+        workspace_id, call_sid, reason.value, billing_step_ms=step
+    )
+    CallLog(call_logger, {"workspace": workspace_id, "call": call_sid}).info(
+        "call ended reason=%s %s=%s", reason.value, source, status
+    )
+
+
 async def dial_action(request: web.Request) -> web.Response:
     """``POST /twilio/dial-action/{workspace_id}``: what follows the SIP leg."""
     try:
@@ -129,11 +145,25 @@ async def dial_action(request: web.Request) -> web.Response:
     except SignatureError:
         return forbidden()
     app = request.app
-    if field(form, "DialCallStatus") == "completed":
+    workspace_id = request.match_info["workspace_id"]
+    call_sid = field(form, "CallSid")
+    dial_status = field(form, "DialCallStatus")
+    try:
+        # The leg is over: settle the call here too, in case the leg's own
+        # terminal callback was lost.
+        if keyspace.WORKSPACE_ID.fullmatch(workspace_id) and (
+            keyspace.CALL_SID.fullmatch(call_sid)
+        ):
+            record = await app[api.LEDGER].get_call(workspace_id, call_sid)
+            await settle(app, record, dial_status, "dial_status")
+    except (CallNotFoundError, NotFoundError):
+        pass
+    except (StoreError, redis.RedisError):
+        router_logger.warning("could not settle call %s after its dial", call_sid)
+    if dial_status == "completed":
         return twiml_response(twiml.hang_up())
 
     # The SIP leg never connected: Retell was unreachable or refused it.
-    workspace_id = request.match_info["workspace_id"]
     try:
         workspace = await app[api.WORKSPACES].get(workspace_id)
     except NotFoundError:

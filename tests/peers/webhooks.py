@@ -52,6 +52,23 @@ class WebhookSender:
         self.session = session
         self.account = account
         self.timeout_secs = timeout_secs
+        # URL fragment -> how many more deliveries to it are lost on the way.
+        self._losing: dict[str, int] = {}
+
+    def lose(self, url_fragment: str, count: int = 1) -> None:
+        """Lose the next ``count`` deliveries to URLs containing ``url_fragment``.
+
+        Twilio does not retry a status callback that never arrived, so a lost
+        one is simply gone; the delivery is recorded with no answer.
+        """
+        self._losing[url_fragment] = self._losing.get(url_fragment, 0) + count
+
+    def _lost(self, url: str) -> bool:
+        for fragment, left in self._losing.items():
+            if left > 0 and fragment in url:
+                self._losing[fragment] = left - 1
+                return True
+        return False
 
     async def request(
         self,
@@ -106,6 +123,9 @@ class WebhookSender:
         """
         sent_at = asyncio.get_running_loop().time()
         params = dict(params)
+        if self._lost(url):
+            logger.info("webhook %s %s lost on the way", method, url)
+            return WebhookDelivery(method, url, params, None, "", "lost", sent_at)
         try:
             status, body = await self.request(url, params, signature, method)
         except (aiohttp.ClientError, PeerTimeoutError) as exc:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from router.webhooks import MAX_CALL_SECS
+from router.webhooks import MAX_CALL_SECS, METER
 from tests.harness import Harness
 from tests.peers.errors import DialRefusedError
 
@@ -64,6 +64,32 @@ async def test_retell_call_is_dialled_by_sip_and_metered(callgate: Harness) -> N
     )
     assert (status, usage["calls"], usage["ms"]) == (200, 1, record["metered_ms"])
     assert callgate.vapi.calls == {}
+
+
+async def test_a_lost_terminal_callback_is_settled_by_the_dial_action(
+    callgate: Harness,
+) -> None:
+    """The leg's last callback never arrives; the <Dial> action ends the call."""
+    tenant = await callgate.tenant("alpha", NUMBER, provider="retell")
+    call = await callgate.place(NUMBER, CALLER)
+    await callgate.retell.wait_for_registration(timeout_secs=5)
+    leg = call.dial_leg
+    await leg.ring()
+    await leg.answer()
+    # Real time has to pass for a call to have a length.
+    await asyncio.sleep(1.0)
+    callgate.twilio.webhooks.lose("/twilio/sip-status/")
+    await leg.hang_up(by="callee")
+    await leg.wait_ended(timeout_secs=5)
+    assert leg.callbacks[-1].error == "lost"
+    assert leg.action_delivery is not None
+    assert leg.action_delivery.ok
+
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "completed"
+    assert 900 <= record["metered_ms"] <= 1600
+    # The meter no longer counts the call's time.
+    assert callgate.app[METER].session(call.sid) is None
 
 
 async def test_retell_refusing_the_registration_sends_the_caller_to_fallback(
