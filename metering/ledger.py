@@ -150,18 +150,28 @@ class Ledger:
         started_at_ms: int,
         period: str,
         day: str,
+        lease_until_ms: int = 0,
     ) -> bool:
         """Mark the call connected and count it in ``period`` and ``day``.
 
-        Returns False if it had started before.
+        A non-zero ``lease_until_ms`` gives a call that holds no grant its
+        first lease. Returns False if it had started before.
         """
         result = await self._start(
             keys=[
                 keyspace.call(workspace_id, call_sid),
                 keyspace.usage(workspace_id, period),
                 keyspace.usage(workspace_id, day),
+                keyspace.leases(workspace_id),
             ],
-            args=[started_at_ms, agent_id, number, stream_sid],
+            args=[
+                started_at_ms,
+                agent_id,
+                number,
+                stream_sid,
+                lease_until_ms,
+                call_sid,
+            ],
         )
         if result == -1:
             raise CallNotFoundError(call_sid)

@@ -97,16 +97,23 @@ class Meter:
         clock: Callable[[], int] = time.monotonic_ns,
         journal: Journal | None = None,
         rates: RateCard | None = None,
+        lease_ms: int = 0,
     ) -> None:
         """``clock`` returns monotonic nanoseconds; tests may pass their own.
 
         With a ``journal``, reports the store cannot take are written there
-        and replayed later, instead of being held in memory only.
+        and replayed later, instead of being held in memory only. A non-zero
+        ``lease_ms`` gives calls without a budget a lease of that length,
+        renewed by every report, so that a sweeper settles them if this
+        process dies; budgeted calls take theirs from their budget.
         """
         self._ledger = ledger
+        self._lease_ms = lease_ms
         self._journal = journal
         self._rates = rates or RateCard()
         self.store_up = True
+        # When the store last came back after an outage, by ``clock``.
+        self._store_back_ns: int | None = None
         self._quota = quota
         self._metrics = metrics
         self._clock = clock
@@ -124,6 +131,17 @@ class Meter:
     def active(self) -> int:
         """Calls being metered in this process."""
         return sum(1 for s in self._sessions.values() if s.ended_ns is None)
+
+    def store_steady(self, for_ms: int) -> bool:
+        """Whether reports have reached the store for at least ``for_ms``.
+
+        False during an outage, and for ``for_ms`` after one, while calls
+        that could not renew their leases catch up.
+        """
+        if not self.store_up:
+            return False
+        back_ns = self._store_back_ns
+        return back_ns is None or self._clock() - back_ns >= for_ms * 1_000_000
 
     def session(self, call_sid: str) -> CallSession | None:
         """The live session of ``call_sid`` in this process, if it has one."""
@@ -177,6 +195,9 @@ class Meter:
             started_at_ms=started_at_ms,
             period=period,
             day=day,
+            lease_until_ms=(
+                0 if budget or not self._lease_ms else started_at_ms + self._lease_ms
+            ),
         )
         if not started:
             return None
@@ -354,6 +375,7 @@ class Meter:
             return
         if not self.store_up:
             self.store_up = True
+            self._store_back_ns = self._clock()
             self._metrics.store_up.set(1)
             metering_logger.warning("store reachable again")
         failed = sum(1 for reply in replies if isinstance(reply, BaseException))
@@ -415,7 +437,7 @@ class Meter:
             used_ms=total,
             want_ms=budget.grant_ms if budget and not finished else 0,
             now_ms=at_ms,
-            lease_ms=budget.lease_ms if budget else 0,
+            lease_ms=budget.lease_ms if budget else self._lease_ms,
             limit_ms=budget.limit_ms if budget else 0,
             agent_id=session.agent_id,
             number=session.number,

@@ -85,6 +85,8 @@ class Reclaimed:
     call_sid: str
     account_sid: str
     returned_ms: int
+    # False for a call that held only a lease: its workspace has no budget.
+    budgeted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,7 @@ class Quota:
         self._admit = _script(store, "admit")
         self._report = _script(store, "report")
         self._reclaim = _script(store, "reclaim")
+        self._orphan = store.register_script(_lua("orphan"))
         self._cutoff = _script(store, "cutoff")
         # Told the workspace's id whenever a script appended budget events.
         self.on_events: Callable[[str], Awaitable[None]] | None = None
@@ -259,7 +262,11 @@ class Quota:
         return count
 
     async def reclaim_expired(self, workspace_id: str, now_ms: int) -> list[Reclaimed]:
-        """Return the reservations of every call whose lease has expired."""
+        """Return the reservations of every call whose lease has expired.
+
+        A call without a budget holds a lease and no grant; it is returned too,
+        with nothing given back, once the store shows it still open.
+        """
         expired = await self._store.zrangebyscore(
             keyspace.leases(workspace_id), "-inf", now_ms
         )
@@ -271,7 +278,24 @@ class Quota:
             )
             period = grant.get("period")
             if period is None:
-                await self._store.zrem(keyspace.leases(workspace_id), call_sid)
+                account_sid = await self._orphan(
+                    keys=[
+                        keyspace.leases(workspace_id),
+                        keyspace.grant(workspace_id, call_sid),
+                        keyspace.call(workspace_id, call_sid),
+                    ],
+                    args=[now_ms, call_sid],
+                )
+                if account_sid is not None:
+                    reclaimed.append(
+                        Reclaimed(
+                            workspace_id=workspace_id,
+                            call_sid=call_sid,
+                            account_sid=text(account_sid),
+                            returned_ms=0,
+                            budgeted=False,
+                        )
+                    )
                 continue
             returned = int(
                 await self._reclaim(

@@ -96,6 +96,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         settings.flush_interval_ms,
         journal=Journal(settings.data_dir / "journal"),
         rates=settings.rates,
+        lease_ms=settings.lease_ms,
     )
     http = aiohttp.ClientSession()
 
@@ -139,7 +140,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         meter,
         app[stream.TWILIO_API],
         app[webhooks.METRICS],
-        interval_secs=settings.lease_ms / 2000,
+        lease_ms=settings.lease_ms,
     )
     app[budget.SWEEPER] = sweeper
     reconciler = Reconciler(

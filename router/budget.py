@@ -114,15 +114,19 @@ class Sweeper:
         meter: Meter,
         twilio: TwilioApi,
         metrics: Metrics,
-        interval_secs: float,
+        lease_ms: int,
     ) -> None:
+        """Sweeps every half ``lease_ms``, L in the overrun bound."""
         self._store = store
         self._workspaces = workspaces
         self._quota = quota
         self._meter = meter
         self._twilio = twilio
         self._metrics = metrics
-        self._interval_secs = interval_secs
+        self._lease_ms = lease_ms
+        self._interval_secs = lease_ms / 2000
+        # After this sweeper's own store error, by the monotonic clock.
+        self._quiet_until = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -138,12 +142,23 @@ class Sweeper:
             self._task = None
 
     async def sweep(self) -> int:
-        """Reclaim every expired lease now; return how many calls it ended."""
+        """Reclaim every expired lease now; return how many calls it ended.
+
+        Nothing is reclaimed during a store outage or for a lease's time
+        after it: every process's renewals stop with the store, so its leases
+        lapse for want of a store, not of their process, and their owners
+        renew them at their first report once it is back.
+        """
+        if not self._meter.store_steady(self._lease_ms):
+            return 0
+        if time.monotonic() < self._quiet_until:
+            return 0
         ended = 0
         workspace_ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
         for workspace_id in workspace_ids:
             for lost in await self._quota.reclaim_expired(workspace_id, now_ms()):
-                self._metrics.grants_reclaimed.labels(workspace_id).inc()
+                if lost.budgeted:
+                    self._metrics.grants_reclaimed.labels(workspace_id).inc()
                 metering_logger.warning(
                     "reclaimed %d ms from call %s of a vanished process",
                     lost.returned_ms,
@@ -156,8 +171,9 @@ class Sweeper:
                 await self._meter.end_call(
                     workspace_id, lost.call_sid, "owner_lost", billing_step_ms=step
                 )
+                account_sid = lost.account_sid or self._twilio.main_account_sid or ""
                 try:
-                    await self._twilio.complete(lost.account_sid, lost.call_sid)
+                    await self._twilio.complete(account_sid, lost.call_sid)
                 except TwilioApiError:
                     metering_logger.warning(
                         "could not hang up orphaned call %s", lost.call_sid
@@ -172,5 +188,7 @@ class Sweeper:
             try:
                 await self.sweep()
             except redis.RedisError:
+                # A process with no call of its own learns of an outage here.
+                self._quiet_until = time.monotonic() + self._lease_ms / 1000
                 metering_logger.warning("lease sweep failed; will retry", exc_info=True)
             metering_logger.debug("swept leases in %.3fs", time.monotonic() - started)

@@ -110,6 +110,10 @@ if has_grant and state == 'active' then
 end
 if has_grant then
   redis.call('HSET', KEYS[2], 'held_ms', held, 'used_ms', total, 'seq', seq)
+elseif tonumber(ARGV[5]) > 0 then
+  -- A call without a budget holds a lease all the same, so that a sweeper
+  -- can settle it and hang it up if its process dies.
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + tonumber(ARGV[5]), ARGV[12])
 end
 if state == 'active' then state = 'ok' end
 local events = 0

@@ -1,8 +1,10 @@
 -- Mark a routed call as connected and count it, once.
 --
--- KEYS[1] call record hash, KEYS[2] month usage hash, KEYS[3] day usage hash
+-- KEYS[1] call record hash, KEYS[2] month usage hash, KEYS[3] day usage hash,
+-- KEYS[4] the workspace's lease sorted set
 -- ARGV[1] started-at ms, ARGV[2] agent id, ARGV[3] E.164 number,
--- ARGV[4] stream sid
+-- ARGV[4] stream sid, ARGV[5] when the call's first lease expires (ms; 0 for
+-- a call whose admission took its lease already), ARGV[6] call sid
 -- Returns 1 when the call was started now, 0 if it had started before,
 -- -1 when no record exists.
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -13,6 +15,9 @@ if redis.call('HEXISTS', KEYS[1], 'started_at_ms') == 1 then
 end
 redis.call('HSET', KEYS[1], 'status', 'in-progress', 'started_at_ms', ARGV[1],
   'stream_sid', ARGV[4], 'metered_ms', 0)
+if tonumber(ARGV[5]) > 0 then
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
+end
 for i = 2, 3 do
   redis.call('HINCRBY', KEYS[i], 'calls', 1)
   redis.call('HINCRBY', KEYS[i], 'agent:' .. ARGV[2] .. ':calls', 1)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis.asyncio as redis
 
 from metering.plans import period_of
 from metering.quota import Quota
 from tenancy.workspaces import now_ms
-from tests.harness import callgate_process, running_peers
+from tests.harness import CallgateProcess, Peers, callgate_process, running_peers
 from tests.peers.audio import split_frames, tone_mulaw
 from tests.peers.twilio import RecordedRequest
 
@@ -20,6 +23,31 @@ NUMBER = "+15005550100"
 CALLS = 5
 LEASE_MS = 2_000
 TICK_MS = 200
+
+
+async def _talking(callgate: CallgateProcess, peers: Peers, count: int) -> list[Any]:
+    """``count`` calls through ``callgate`` whose first 600 ms were echoed."""
+    calls = []
+    for index in range(count):
+        call = await callgate.twilio.place_call(NUMBER, f"+1415555000{index}")
+        peers.twilio_rest.register_call(call)
+        await call.open_stream()
+        calls.append(call)
+    tone = tone_mulaw(440, duration_ms=600)
+    await asyncio.gather(*(call.send_audio(split_frames(tone)) for call in calls))
+    await asyncio.gather(
+        *(call.wait_for_audio(len(tone), timeout_secs=5) for call in calls)
+    )
+    return calls
+
+
+def _hang_ups(sids: set[str]) -> Callable[[RecordedRequest], bool]:
+    def hang_up(request: RecordedRequest) -> bool:
+        return request.form.get("Status") == "completed" and any(
+            sid in request.path for sid in sids
+        )
+
+    return hang_up
 
 
 async def test_killed_process_returns_its_grants_and_its_calls_end(
@@ -45,17 +73,7 @@ async def test_killed_process_returns_its_grants_and_its_calls_end(
             workspace_id,
             {"included_minutes": 60, "max_concurrent_calls": CALLS},
         )
-        calls = []
-        for index in range(CALLS):
-            call = await doomed.twilio.place_call(NUMBER, f"+1415555000{index}")
-            peers.twilio_rest.register_call(call)
-            await call.open_stream()
-            calls.append(call)
-        tone = tone_mulaw(440, duration_ms=600)
-        await asyncio.gather(*(call.send_audio(split_frames(tone)) for call in calls))
-        await asyncio.gather(
-            *(call.wait_for_audio(len(tone), timeout_secs=5) for call in calls)
-        )
+        calls = await _talking(doomed, peers, CALLS)
         period = period_of(now_ms(), "UTC").label
         before = await Quota(store).state(workspace_id, period)
         assert before.reserved_ms > 0
@@ -65,14 +83,11 @@ async def test_killed_process_returns_its_grants_and_its_calls_end(
         doomed.process.send_signal(signal.SIGKILL)
         sids = {call.sid for call in calls}
 
-        def hang_up(request: RecordedRequest) -> bool:
-            return request.form.get("Status") == "completed" and any(
-                sid in request.path for sid in sids
-            )
-
         # The survivor's sweeper runs every L/2; a lease lapses L after its
         # last renewal: every call is hung up within L + L/2 of the kill.
-        await peers.twilio_rest.wait_for_requests(hang_up, CALLS, timeout_secs=10)
+        await peers.twilio_rest.wait_for_requests(
+            _hang_ups(sids), CALLS, timeout_secs=10
+        )
         assert loop.time() - killed_at <= (LEASE_MS * 1.5 + 1_000) / 1000
 
         after = await Quota(store).state(workspace_id, period)
@@ -88,3 +103,40 @@ async def test_killed_process_returns_its_grants_and_its_calls_end(
         for record in records:
             assert 600 <= record["metered_ms"] <= 600 + LEASE_MS * 2 + 1_000
         assert after.used_ms == sum(-(-r["metered_ms"] // 1000) * 1000 for r in records)
+
+
+# ``store`` empties the shared store first and audits it afterwards.
+@pytest.mark.usefixtures("store")
+async def test_killed_process_calls_without_a_budget_are_settled_and_ended(
+    valkey_url: str, tmp_path: Path
+) -> None:
+    """A workspace with no plan: its orphaned calls still end, counted once."""
+    env = {
+        "CALLGATE_REDIS_URL": valkey_url,
+        "CALLGATE_FLUSH_INTERVAL_MS": str(TICK_MS),
+        "CALLGATE_LEASE_MS": str(LEASE_MS),
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        peers = await stack.enter_async_context(running_peers())
+        doomed = await stack.enter_async_context(
+            callgate_process(tmp_path / "doomed", peers, **env)
+        )
+        survivor = await stack.enter_async_context(
+            callgate_process(tmp_path / "survivor", peers, **env)
+        )
+        workspace_id = await survivor.tenant("alpha", NUMBER)
+        calls = await _talking(doomed, peers, 2)
+        loop = asyncio.get_running_loop()
+        killed_at = loop.time()
+        doomed.process.send_signal(signal.SIGKILL)
+        sids = {call.sid for call in calls}
+
+        await peers.twilio_rest.wait_for_requests(_hang_ups(sids), 2, timeout_secs=10)
+        assert loop.time() - killed_at <= (LEASE_MS * 1.5 + 1_000) / 1000
+        records = [await survivor.call_record(workspace_id, sid) for sid in sids]
+        assert {record["end_reason"] for record in records} == {"owner_lost"}
+        for record in records:
+            assert 600 <= record["metered_ms"] <= 600 + LEASE_MS * 2 + 1_000
+        usage = await survivor.usage(workspace_id)
+        assert usage["ms"] == sum(record["metered_ms"] for record in records)
+        assert usage["statement"] is None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from metering.plans import bill_ms, period_of
 from metering.quota import Quota
+from router.budget import SWEEPER
 from router.store import EmbeddedValkey, connect
 from router.webhooks import METER
 from tenancy.workspaces import now_ms
@@ -129,3 +130,46 @@ async def test_outage_under_terminate_ends_calls_within_the_window(
         record = await callgate.call_record(tenant.workspace_id, call.sid)
         assert record["end_reason"] == "store_outage"
         assert 400 <= record["metered_ms"] <= 2_000
+
+
+async def test_leases_lapsed_in_an_outage_are_not_taken_when_it_ends(
+    tmp_path: Path,
+) -> None:
+    """A lease lapses for want of a store; the sweeper leaves its call alone."""
+    server = EmbeddedValkey(tmp_path / "store")
+    await server.start()
+    try:
+        async with running_callgate(
+            server.url,
+            tmp_path / "data",
+            # A report a second: the sweep below comes well before the next.
+            CALLGATE_FLUSH_INTERVAL_MS="1000",
+            CALLGATE_LEASE_MS="2000",
+            CALLGATE_STORE_TIMEOUT_MS="200",
+        ) as callgate:
+            # No plan: the call holds a lease but no grant.
+            tenant = await callgate.tenant("alpha", NUMBER)
+            call, _ = await callgate.connected_call(NUMBER, CALLER)
+            before = tone_mulaw(440, duration_ms=500)
+            await call.send_audio(split_frames(before))
+            await call.wait_for_audio(len(before), timeout_secs=5)
+
+            await server.stop()
+            # Longer than the 2 s lease, while the store is down.
+            during = tone_mulaw(600, duration_ms=2500)
+            await call.send_audio(split_frames(during))
+            await call.wait_for_audio(len(before) + len(during), timeout_secs=10)
+            await server.start()
+            assert await callgate.app[SWEEPER].sweep() == 0
+
+            after = tone_mulaw(800, duration_ms=300)
+            await call.send_audio(split_frames(after))
+            await call.wait_for_audio(
+                len(before) + len(during) + len(after), timeout_secs=5
+            )
+            await call.hang_up()
+            await callgate.calls_settled()
+            record = await callgate.call_record(tenant.workspace_id, call.sid)
+            assert record["end_reason"] == "caller_hung_up"
+    finally:
+        await server.stop()
