@@ -4,7 +4,10 @@ While the store is unreachable, every report the meter fails to deliver is
 appended here (one JSON line each, fsynced per batch) and replayed, in order,
 once the store answers again, or when Callgate next starts after a crash.
 Reports carry cumulative totals and sequence numbers, so replaying one that
-did reach the store, or replaying twice, changes nothing.
+did reach the store, or replaying twice, changes nothing. For the same reason
+only each call's latest report per period and day needs keeping: the journal
+drops the older ones as it grows, so a long outage costs a line or so per
+live call, not one per call per tick.
 """
 
 from __future__ import annotations
@@ -19,6 +22,38 @@ from metering.quota import Report
 
 _JOURNAL = "meter.jsonl"
 _REPLAYING = "meter.replaying.jsonl"
+_COMPACTING = "meter.compacting.jsonl"
+# Lines appended past twice the last compaction's size before the next one.
+_SLACK_LINES = 1024
+
+
+def latest(reports: list[Report]) -> list[Report]:
+    """Each call's last report for each period and day, in the order they came.
+
+    The last of a call's reports carries its highest cumulative total (and,
+    if it ended, its settlement), so replaying it alone counts what replaying
+    all of them would. Period and day stay apart: each counts its own time.
+    """
+    last: dict[tuple[str, str, str, str], int] = {}
+    for index, report in enumerate(reports):
+        key = (report.workspace_id, report.call_sid, report.period, report.day)
+        last[key] = index
+    return [reports[index] for index in sorted(last.values())]
+
+
+def _read(path: Path) -> list[Report]:
+    with path.open("rb") as handle:
+        return [Report(**orjson.loads(line)) for line in handle if line.strip()]
+
+
+def _write(path: Path, reports: list[Report], mode: str) -> None:
+    lines = b"".join(
+        orjson.dumps(dataclasses.asdict(report)) + b"\n" for report in reports
+    )
+    with path.open(mode) as handle:
+        handle.write(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class Journal:
@@ -28,20 +63,34 @@ class Journal:
         directory.mkdir(parents=True, exist_ok=True)
         self._path = directory / _JOURNAL
         self._replaying = directory / _REPLAYING
-        self.depth = self._count(self._path) + self._count(self._replaying)
+        self._compacting = directory / _COMPACTING
+        self._lines = self._count(self._path)
+        self._compacted_lines = 0
+        self.depth = self._lines + self._count(self._replaying)
 
     def append(self, reports: list[Report]) -> None:
         """Write ``reports`` to the end of the journal and make them durable."""
         if not reports:
             return
-        lines = b"".join(
-            orjson.dumps(dataclasses.asdict(report)) + b"\n" for report in reports
-        )
-        with self._path.open("ab") as handle:
-            handle.write(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write(self._path, reports, "ab")
         self.depth += len(reports)
+        self._lines += len(reports)
+        if self._lines > 2 * self._compacted_lines + _SLACK_LINES:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the journal with only the reports :func:`latest` keeps."""
+        kept = latest(_read(self._path))
+        # Written aside and renamed over: a crash leaves one whole journal.
+        _write(self._compacting, kept, "wb")
+        self._compacting.replace(self._path)
+        directory = os.open(self._path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self.depth -= self._lines - len(kept)
+        self._lines = self._compacted_lines = len(kept)
 
     def take(self) -> list[Report]:
         """Every journaled report, oldest first, set aside until :meth:`done`.
@@ -54,10 +103,10 @@ class Journal:
                 old.flush()
                 os.fsync(old.fileno())
             self._path.unlink()
+            self._lines = self._compacted_lines = 0
         if not self._replaying.exists():
             return []
-        with self._replaying.open("rb") as handle:
-            return [Report(**orjson.loads(line)) for line in handle if line.strip()]
+        return latest(_read(self._replaying))
 
     def done(self) -> None:
         """The reports from :meth:`take` reached the store: forget them."""
