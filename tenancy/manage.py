@@ -499,6 +499,13 @@ class BeginOffboarding(Body):
     )
 
 
+def _outcome(outcome: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: v for k, v in outcome.items() if k != "expired_at_ms"}
+    if "expired_at_ms" in outcome:
+        shown["expired_at"] = iso(outcome["expired_at_ms"])
+    return shown
+
+
 def _offboarding(state: dict[str, Any]) -> dict[str, Any]:
     return {
         "workspace_id": state["workspace_id"],
@@ -508,7 +515,7 @@ def _offboarding(state: dict[str, Any]) -> dict[str, Any]:
         "grace_secs": state["grace_secs"],
         "pause_after": state.get("pause_after"),
         "steps": state["steps"],
-        "numbers": state["numbers"],
+        "numbers": {e164: _outcome(o) for e164, o in state["numbers"].items()},
         "export": state.get("export"),
         "error": state.get("error"),
     }

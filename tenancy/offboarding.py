@@ -36,6 +36,7 @@ import secrets
 import shutil
 import time
 import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,11 +156,85 @@ class Offboarding:
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + _PRUNE_EVERY_SECS
                 self.prune_exports(now_ms())
+                try:
+                    await self.release_kept(now_ms())
+                except (TwilioApiError, StoreError, redis.RedisError):
+                    tenancy_logger.warning("could not release kept numbers; later")
             await asyncio.sleep(self._lease_ms / 2000)
             try:
                 await self.resume_interrupted()
             except (StoreError, redis.RedisError):
                 tenancy_logger.warning("could not look for interrupted offboardings")
+
+    async def release_kept(self, at_ms: int) -> list[str]:
+        """Release kept numbers whose port-out date is past; return which.
+
+        A number kept ``until`` a date waits in its account to the end of that
+        day (UTC). One still there afterwards was not ported out: it is
+        released, so it stops costing its monthly fee, and when no kept number
+        is left the subaccount Callgate made is closed and the certificate
+        says so. Numbers gone by then were ported; that is recorded too.
+        """
+        today = datetime.fromtimestamp(at_ms / 1000, UTC).date().isoformat()
+        released: list[str] = []
+        states = text_map(await self._store.hgetall(keyspace.OFFBOARDINGS))
+        for workspace_id, raw in states.items():
+            state = orjson.loads(raw)
+            if state.get("status") != "done" or not _due(state, today):
+                continue
+            # Under the offboarding's lease, so two processes never both act.
+            if not await self._lease(workspace_id):
+                continue
+            self._leased.add(workspace_id)
+            try:
+                state = await self.state(workspace_id) or state
+                released += await self._release_due(workspace_id, state, today)
+            finally:
+                self._leased.discard(workspace_id)
+                await self._drop_lease(
+                    keys=[keyspace.OFFBOARDING_LEASES], args=[workspace_id, self._token]
+                )
+        return released
+
+    async def _release_due(
+        self, workspace_id: str, state: dict[str, Any], today: str
+    ) -> list[str]:
+        released = []
+        accounts: dict[str, str | None] = state.get("kept_accounts", {})
+        for e164, outcome in state["numbers"].items():
+            if not _kept_past(outcome, today):
+                continue
+            account = accounts.get(e164) or state["subaccount"]
+            number_sid = None
+            if account:
+                number_sid = await self._twilio.find_number(account, e164)
+            if account and number_sid is not None:
+                await self._twilio.release_number(account, number_sid)
+                released.append(e164)
+            outcome["expired"] = "released" if number_sid is not None else "ported"
+            outcome["expired_at_ms"] = now_ms()
+            await self._save(state)
+        subaccount = state["subaccount"]
+        still_kept = any(
+            o["action"] == "keep" and "expired" not in o
+            for o in state["numbers"].values()
+        )
+        if subaccount and not still_kept and state.get("subaccount_closed") is None:
+            await self._twilio.close_account(subaccount)
+            state["subaccount_closed"] = now_ms()
+            await self._save(state)
+            certificate = await self.certificate(workspace_id)
+            if certificate is not None:
+                certificate["subaccount_closed"] = True
+                await self._store.hset(
+                    keyspace.CERTIFICATES, workspace_id, orjson.dumps(certificate)
+                )
+        tenancy_logger.info(
+            "offboarding %s: released %d kept number(s) past their date",
+            workspace_id,
+            len(released),
+        )
+        return released
 
     def prune_exports(self, at_ms: int) -> list[str]:
         """Delete the export archives older than the retention; return whose."""
@@ -486,6 +561,8 @@ class Offboarding:
             outcome = {"action": action, "status": "pending"}
             if "until" in wish:
                 outcome["until"] = wish["until"]
+                # Where the number waits for its port-out, for release_kept.
+                state.setdefault("kept_accounts", {})[number.e164] = account
             state["numbers"][number.e164] = outcome
             await self._save(state)
             if account is not None and action != "keep":
@@ -581,8 +658,24 @@ class Offboarding:
             raise LeaseLostError(workspace_id)
 
 
-# How often the exports folder is checked for archives past their retention.
+# How often the exports folder is checked for archives past their retention,
+# and kept numbers for a port-out date that has passed.
 _PRUNE_EVERY_SECS = 600.0
+
+
+def _kept_past(outcome: dict[str, Any], today: str) -> bool:
+    """A kept number whose ``until`` day is over and that nothing acted on yet."""
+    until = outcome.get("until")
+    return (
+        outcome["action"] == "keep"
+        and until is not None
+        and until < today
+        and "expired" not in outcome
+    )
+
+
+def _due(state: dict[str, Any], today: str) -> bool:
+    return any(_kept_past(o, today) for o in state["numbers"].values())
 
 
 class LeaseLostError(Exception):

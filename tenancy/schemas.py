@@ -229,6 +229,9 @@ class NumberOutcome(BaseModel):
     action: Literal["release", "transfer", "keep"]
     status: Literal["pending", "done"]
     until: str | None = None
+    # A kept number once its date passed: released by Callgate, or gone (ported).
+    expired: Literal["released", "ported"] | None = None
+    expired_at: Stamp = None
 
 
 class ExportOut(BaseModel):

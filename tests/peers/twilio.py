@@ -342,6 +342,13 @@ class FakeTwilioRest:
         """Put an E.164 +1 number in area_code up for sale."""
         self._directory.add_available(number, area_code)
 
+    def port_out(self, phone_number: str) -> None:
+        """The number leaves Twilio for another carrier, as a port-out does."""
+        number = self._directory.owned(phone_number)
+        if number is None:
+            raise PeerStateError(f"{phone_number} is not on this twilio")
+        self._directory.release(number)
+
     def owner_of(self, phone_number: str) -> str | None:
         """The sid of the account that owns phone_number, None if nobody does."""
         number = self._directory.owned(phone_number)

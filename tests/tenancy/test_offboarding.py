@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import hashlib
 import io
 import os
@@ -456,3 +457,56 @@ async def test_two_processes_told_to_resume_at_once_send_each_operation_once(
             )
             assert operations == ["close", "release", "transfer"]
             assert peers.twilio_rest.owner_of(moved) == client.sid
+
+
+def _utc_ms(text: str) -> int:
+    """Epoch milliseconds of an ISO 8601 UTC time."""
+    return int(dt.datetime.fromisoformat(text).timestamp() * 1000)
+
+
+async def test_kept_numbers_are_released_once_their_port_out_date_passes(
+    callgate: Harness,
+) -> None:
+    """Kept until a date: still there after it is released, then the account shut."""
+    alpha = await callgate.tenant("alpha", NUMBER_A)
+    _, workspace = await callgate.api("GET", f"/workspaces/{alpha.workspace_id}")
+    subaccount = workspace["twilio_account_sid"]
+    waiting = await _buy(callgate, alpha.workspace_id, alpha.agent_id)
+    ported = await _buy(callgate, alpha.workspace_id, alpha.agent_id)
+    keep = {"action": "keep", "until": "2027-01-31"}
+    state = await _offboard(
+        callgate,
+        alpha.workspace_id,
+        {"grace_secs": 0, "numbers": {waiting: keep, ported: keep}},
+    )
+    assert state["status"] == "done", state
+    assert callgate.twilio_rest.account_status(subaccount) == "active"
+    # The client ported one number out before the date; the other stayed.
+    callgate.twilio_rest.port_out(ported)
+    offboarding = callgate.app[manage.OFFBOARDING]
+
+    assert await offboarding.release_kept(_utc_ms("2027-01-31T23:59:59+00:00")) == []
+    assert callgate.twilio_rest.owner_of(waiting) == subaccount
+    assert await offboarding.release_kept(_utc_ms("2027-02-01T00:00:00+00:00")) == [
+        waiting
+    ]
+    assert callgate.twilio_rest.owner_of(waiting) is None
+    assert callgate.twilio_rest.account_status(subaccount) == "closed"
+    status, state = await callgate.api(
+        "GET", f"/workspaces/{alpha.workspace_id}/offboarding"
+    )
+    assert status == 200
+    assert state["numbers"][waiting]["expired"] == "released"
+    assert state["numbers"][ported]["expired"] == "ported"
+    assert state["numbers"][waiting]["expired_at"] is not None
+    status, certificate = await callgate.api(
+        "GET", f"/workspaces/{alpha.workspace_id}/offboarding/certificate"
+    )
+    assert status == 200
+    assert certificate["subaccount_closed"] is True
+    assert certificate["numbers"] == {"keep": 2, "release": 1}
+
+    # Once done, a later look asks Twilio nothing.
+    asked = len(callgate.twilio_rest.requests)
+    assert await offboarding.release_kept(_utc_ms("2027-03-01T00:00:00+00:00")) == []
+    assert len(callgate.twilio_rest.requests) == asked
