@@ -12,12 +12,12 @@ from __future__ import annotations
 import redis.asyncio as redis
 from aiohttp import web
 
-from media.bridge import EndReason
-from metering.ledger import CallNotFoundError, CallRecord
+from metering.ledger import CallNotFoundError
 from metering.meter import CallSession
-from metering.plans import INCREMENT_MS, period_of
+from metering.plans import period_of
 from router import twiml
 from router.budget import budget
+from router.settlement import TERMINAL, settle_sip_call
 from router.stream import TWILIO_API
 from router.webhooks import (
     METER,
@@ -30,12 +30,10 @@ from router.webhooks import (
 )
 from tenancy import api, keyspace
 from tenancy.errors import NotFoundError, SignatureError, StoreError
-from tenancy.logs import CallLog, call_logger, router_logger
+from tenancy.logs import router_logger
 from tenancy.problems import problem
 from tenancy.twilio_api import TwilioApiError
 from tenancy.workspaces import now_ms
-
-TERMINAL = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 
 
 async def sip_status(request: web.Request) -> web.Response:
@@ -97,7 +95,9 @@ async def sip_status(request: web.Request) -> web.Response:
                 workspace_id, call_sid, {"sip_call_sid": field(form, "CallSid")}
             )
         elif status in TERMINAL and record.status != "completed":
-            await settle(app, record, status, "sip_status")
+            await settle_sip_call(
+                app[METER], app[api.WORKSPACES], record, status, "sip_status"
+            )
     except CallNotFoundError:
         count.labels("sip_status", "unknown_call").inc()
         return web.Response(status=204)
@@ -108,34 +108,6 @@ async def sip_status(request: web.Request) -> web.Response:
         return problem(503, "store-unavailable", "Store Unavailable")
     count.labels("sip_status", "recorded").inc()
     return web.Response(status=204)
-
-
-async def settle(
-    app: web.Application, record: CallRecord, status: str, source: str
-) -> None:
-    """Settle a SIP call that Twilio reported over, ``status`` being the leg's.
-
-    The leg's terminal callback, the ``<Dial>`` action and the caller's own
-    status callback each report the end, and any of them may be the only one
-    to arrive: Twilio retries none. The first settles the call; the others
-    find it settled and change nothing.
-    """
-    if record.ended_at_ms is not None:
-        return
-    workspace_id, call_sid = record.workspace_id, record.call_sid
-    answered = status == "completed" and record.started_at_ms is not None
-    reason = EndReason.COMPLETED if answered else EndReason.UPSTREAM_FAILED
-    session = app[METER].session(call_sid)
-    if session is not None and session.exhausted:
-        reason = EndReason(session.cutoff_reason)
-    plan = await app[api.WORKSPACES].plan(workspace_id)
-    step = INCREMENT_MS[plan.billing_increment] if plan else 0
-    await app[METER].end_call(
-        workspace_id, call_sid, reason.value, billing_step_ms=step
-    )
-    CallLog(call_logger, {"workspace": workspace_id, "call": call_sid}).info(
-        "call ended reason=%s %s=%s", reason.value, source, status
-    )
 
 
 async def dial_action(request: web.Request) -> web.Response:
@@ -155,7 +127,9 @@ async def dial_action(request: web.Request) -> web.Response:
             keyspace.CALL_SID.fullmatch(call_sid)
         ):
             record = await app[api.LEDGER].get_call(workspace_id, call_sid)
-            await settle(app, record, dial_status, "dial_status")
+            await settle_sip_call(
+                app[METER], app[api.WORKSPACES], record, dial_status, "dial_status"
+            )
     except (CallNotFoundError, NotFoundError):
         pass
     except (StoreError, redis.RedisError):

@@ -19,6 +19,7 @@ from metering.meter import Meter
 from metering.metrics import Metrics
 from router import budget, reconcile, twiml
 from router.settings import Settings
+from router.settlement import TERMINAL, settle_sip_call
 from router.signatures import TwilioSigner
 from router.tokens import StreamTokens
 from tenancy import api, keyspace
@@ -273,8 +274,19 @@ async def status(request: web.Request) -> web.Response:
         count.labels("status", "unknown_call").inc()
         return web.Response(status=204)
     count.labels("status", "recorded" if applied else "stale").inc()
-    if applied and duration:
+    status = field(form, "CallStatus")
+    if applied and (duration or status in TERMINAL):
         record = await request.app[api.LEDGER].get_call(workspace_id, call_sid)
-        if record.status == "completed":
+        if record.provider == "retell" and status in TERMINAL:
+            # The caller's leg is over, so is its SIP leg: settle the call
+            # here if neither of the leg's own reports of its end arrived.
+            await settle_sip_call(
+                request.app[METER],
+                request.app[api.WORKSPACES],
+                record,
+                status,
+                "call_status",
+            )
+        if duration and record.status == "completed":
             reconcile.observe(request.app[METRICS], record, int(duration), "callback")
     return web.Response(status=204)

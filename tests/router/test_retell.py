@@ -92,6 +92,32 @@ async def test_a_lost_terminal_callback_is_settled_by_the_dial_action(
     assert callgate.app[METER].session(call.sid) is None
 
 
+async def test_the_callers_status_callback_settles_when_both_leg_reports_are_lost(
+    callgate: Harness,
+) -> None:
+    """Neither the leg's last callback nor the action arrives; the call's does."""
+    tenant = await callgate.tenant("alpha", NUMBER, provider="retell")
+    call = await callgate.place(NUMBER, CALLER)
+    await callgate.retell.wait_for_registration(timeout_secs=5)
+    leg = call.dial_leg
+    await leg.ring()
+    await leg.answer()
+    # Real time has to pass for a call to have a length.
+    await asyncio.sleep(1.0)
+    callgate.twilio.webhooks.lose("/twilio/sip-status/")
+    callgate.twilio.webhooks.lose("/twilio/dial-action/")
+    await leg.hang_up(by="callee")
+    await leg.wait_ended(timeout_secs=5)
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] is None
+
+    assert await callgate.twilio.send_status_callback(call, "completed") == 204
+    record = await callgate.call_record(tenant.workspace_id, call.sid)
+    assert record["end_reason"] == "completed"
+    assert 900 <= record["metered_ms"] <= 1600
+    assert callgate.app[METER].session(call.sid) is None
+
+
 async def test_retell_refusing_the_registration_sends_the_caller_to_fallback(
     callgate: Harness,
 ) -> None:
