@@ -135,22 +135,26 @@ async def running_prometheus(
 
 @asynccontextmanager
 async def running_alertmanager(
-    http: aiohttp.ClientSession, workdir: Path, receiver_url: str
+    http: aiohttp.ClientSession,
+    workdir: Path,
+    receiver_url: str,
+    inhibit_rules: Sequence[Any] = (),
 ) -> AsyncIterator[str]:
-    """Alertmanager paging ``receiver_url`` at once; yields its host:port.
+    """Alertmanager paging ``receiver_url``; yields its host:port.
 
-    Alerts are grouped per alert and workspace and sent without waiting, so
-    each reaches the receiver within a second of Prometheus firing it.
+    Alerts are grouped per alert and workspace and sent a second after they
+    first arrive, time for alerts of one evaluation to inhibit each other.
     """
     config = {
         "route": {
             "receiver": "pager",
             "group_by": ["alertname", "workspace"],
-            "group_wait": "0s",
+            "group_wait": "1s",
             "group_interval": "1s",
             "repeat_interval": "1h",
         },
         "receivers": [{"name": "pager", "webhook_configs": [{"url": receiver_url}]}],
+        "inhibit_rules": list(inhibit_rules),
     }
     config_file = _write_config(workdir / "alertmanager.yml", config)
     address = f"127.0.0.1:{_free_port()}"
