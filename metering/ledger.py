@@ -199,19 +199,39 @@ class Ledger:
         call_duration_secs: int | None,
         sequence: int,
     ) -> bool:
-        """Store Twilio's view of the call; False when this callback is stale."""
-        result = await self._twilio_status(
-            keys=[
-                keyspace.call(workspace_id, call_sid),
-                keyspace.unreconciled(workspace_id),
-            ],
-            args=[
-                status,
-                "" if call_duration_secs is None else call_duration_secs,
-                sequence,
-                call_sid,
-            ],
-        )
+        """Store Twilio's view of the call; False when this callback is stale.
+
+        A duration reprices the caller's leg of a settled call by Twilio's own
+        billing; the script names the usage hashes its cost went into, which
+        are read first (and again if the call settles in between).
+        """
+        record = keyspace.call(workspace_id, call_sid)
+        while True:
+            period, day = (
+                text_or_none(value)
+                for value in await self._store.hmget(
+                    record, ["usage_period", "usage_day"]
+                )
+            )
+            # Before settlement the script touches no usage hash: the record
+            # stands in for both.
+            usage = [
+                keyspace.usage(workspace_id, label) if label else record
+                for label in (period, day)
+            ]
+            result = await self._twilio_status(
+                keys=[record, keyspace.unreconciled(workspace_id), *usage],
+                args=[
+                    status,
+                    "" if call_duration_secs is None else call_duration_secs,
+                    sequence,
+                    call_sid,
+                    period or "",
+                    day or "",
+                ],
+            )
+            if result != -2:
+                break
         if result == -1:
             raise CallNotFoundError(call_sid)
         return bool(result == 1)

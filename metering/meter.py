@@ -14,6 +14,7 @@ retried or lost report never counts twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -264,25 +265,23 @@ class Meter:
         started = record.started_at_ms
         used_ms = max(0, ended_at_ms - started) if started is not None else 0
         grant = await self._ledger.grant_period(workspace_id, call_sid)
-        await self._quota.report(
-            Report(
-                workspace_id=workspace_id,
-                call_sid=call_sid,
-                period=grant or period_of(started or ended_at_ms, "UTC").label,
-                day=day_of(started or ended_at_ms, "UTC"),
-                seq=1 << 30,
-                used_ms=used_ms,
-                want_ms=0,
-                now_ms=ended_at_ms,
-                lease_ms=0,
-                limit_ms=0,
-                agent_id=record.agent_id,
-                number=record.to_number,
-                end_reason=reason,
-                billable_extra_ms=-used_ms % billing_step_ms if billing_step_ms else 0,
-                cost_micros=self._cost(used_ms, record.provider or "vapi"),
-            )
+        report = Report(
+            workspace_id=workspace_id,
+            call_sid=call_sid,
+            period=grant or period_of(started or ended_at_ms, "UTC").label,
+            day=day_of(started or ended_at_ms, "UTC"),
+            seq=1 << 30,
+            used_ms=used_ms,
+            want_ms=0,
+            now_ms=ended_at_ms,
+            lease_ms=0,
+            limit_ms=0,
+            agent_id=record.agent_id,
+            number=record.to_number,
+            end_reason=reason,
+            billable_extra_ms=-used_ms % billing_step_ms if billing_step_ms else 0,
         )
+        await self._quota.report(self._priced(report, record.provider or "vapi"))
         self._metrics.calls_ended.labels(workspace_id, reason).inc()
 
     async def close_unstarted(
@@ -312,6 +311,9 @@ class Meter:
                 agent_id=agent_id,
                 number=number,
                 end_reason=reason,
+                # Twilio answered the caller, so its leg costs what its
+                # duration says once Twilio reports it.
+                twilio_micros_per_minute=self._rates.twilio_micros_per_minute,
             )
         )
 
@@ -428,7 +430,7 @@ class Meter:
         if finished and budget is not None:
             step = budget.billing_step_ms
             extra = -total % step if total else 0
-        return Report(
+        report = Report(
             workspace_id=session.workspace_id,
             call_sid=session.call_sid,
             period=session.period,
@@ -443,13 +445,20 @@ class Meter:
             number=session.number,
             end_reason=session.end_reason if finished else None,
             billable_extra_ms=extra,
-            cost_micros=self._cost(total, session.provider) if finished else 0,
         )
+        return self._priced(report, session.provider) if finished else report
 
-    def _cost(self, metered_ms: int, provider: str) -> int:
-        """What serving a call of ``metered_ms`` cost, by the rate card."""
+    def _priced(self, report: Report, provider: str) -> Report:
+        """A final report with its call's cost by the rate card, and the rate
+        that reprices the caller's leg once Twilio reports its duration."""
         platform: Provider = "retell" if provider == "retell" else "vapi"
-        return call_cost_micros(metered_ms, platform, self._rates).total_micros
+        cost = call_cost_micros(report.used_ms, platform, self._rates)
+        return dataclasses.replace(
+            report,
+            cost_micros=cost.total_micros,
+            caller_leg_micros=cost.caller_leg_micros,
+            twilio_micros_per_minute=self._rates.twilio_micros_per_minute,
+        )
 
     def _apply(
         self, session: CallSession, total: int, finished: bool, reply: ReportAnswer

@@ -352,11 +352,16 @@ class RateCard:
 
 @dataclass(frozen=True, slots=True)
 class CallCost:
-    """What one call cost the agency, in micro-units; ``total_micros`` is the sum."""
+    """What one call cost the agency, in micro-units; ``total_micros`` is the sum.
+
+    ``caller_leg_micros`` is the part of ``twilio_micros`` that the caller's
+    own leg costs: the part Twilio's reported duration reprices.
+    """
 
     twilio_micros: int
     platform_micros: int
     total_micros: int
+    caller_leg_micros: int = 0
 
 
 def call_cost_micros(duration_ms: int, provider: Provider, card: RateCard) -> CallCost:
@@ -390,6 +395,7 @@ def call_cost_micros(duration_ms: int, provider: Provider, card: RateCard) -> Ca
         twilio_micros=twilio_micros,
         platform_micros=platform_micros,
         total_micros=twilio_micros + platform_micros,
+        caller_leg_micros=twilio_minutes * card.twilio_micros_per_minute,
     )
 
 

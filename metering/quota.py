@@ -108,6 +108,10 @@ class Report:
     end_reason: str | None = None
     billable_extra_ms: int = 0
     cost_micros: int = 0
+    # Final only: the caller's leg's share of cost_micros, and the Twilio rate
+    # that reprices it if Twilio's duration is already on the record.
+    caller_leg_micros: int = 0
+    twilio_micros_per_minute: int = 0
 
 
 class Quota:
@@ -349,6 +353,9 @@ def _report_args(report: Report) -> list[str | int]:
         report.call_sid,
         report.cost_micros,
         report.period,
+        report.caller_leg_micros,
+        report.twilio_micros_per_minute,
+        report.day,
     ]
 
 

@@ -13,7 +13,14 @@
 -- ARGV[9] agent id, ARGV[10] E.164 number, ARGV[11] billable ms the plan's
 -- rounding adds at settlement (final only), ARGV[12] call sid,
 -- ARGV[13] the call's cost to serve in micro-units (final only),
--- ARGV[14] the billing period's label
+-- ARGV[14] the billing period's label, ARGV[15] the caller's leg's part of
+-- ARGV[13] (final only), ARGV[16] Twilio's rate per started minute of that
+-- leg (final only; 0 leaves the cost as given), ARGV[17] the day's label
+--
+-- A final report records the cost, the caller's leg's part of it and the
+-- labels of the usage hashes it went into, so that Twilio's duration, when it
+-- comes, can reprice the leg (twilio_status.lua). When that duration is on the
+-- record already, the leg is priced by it here.
 --
 -- Returns {granted now ms, held ms after, state, added ms, events} with
 -- events the number of budget events appended, and state "ok",
@@ -79,10 +86,21 @@ if final then
   redis.call('HINCRBY', KEYS[1], 'used_ms', tonumber(ARGV[11]))
   redis.call('DEL', KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[12])
+  local cost = tonumber(ARGV[13])
+  local leg = tonumber(ARGV[15])
+  local rate = tonumber(ARGV[16])
+  local twilio_secs = redis.call('HGET', KEYS[4], 'twilio_call_duration_secs')
+  if twilio_secs and rate > 0 then
+    local billed = math.floor((tonumber(twilio_secs) + 59) / 60) * rate
+    cost = cost - leg + billed
+    leg = billed
+  end
   redis.call('HSET', KEYS[4], 'status', 'completed', 'ended_at_ms', ARGV[4],
-    'end_reason', ARGV[8], 'billable_extra_ms', ARGV[11], 'cost_micros', ARGV[13])
+    'end_reason', ARGV[8], 'billable_extra_ms', ARGV[11], 'cost_micros', cost,
+    'caller_leg_micros', leg, 'twilio_micros_per_minute', rate,
+    'usage_period', ARGV[14], 'usage_day', ARGV[17])
   for i = 5, 6 do
-    redis.call('HINCRBY', KEYS[i], 'cost_micros', tonumber(ARGV[13]))
+    redis.call('HINCRBY', KEYS[i], 'cost_micros', cost)
   end
   if redis.call('HEXISTS', KEYS[4], 'twilio_call_duration_secs') == 0 then
     redis.call('ZADD', KEYS[7], ARGV[4], ARGV[12])

@@ -50,8 +50,13 @@ async def _report(
     metered_ms: int,
     at_ms: int,
     end_reason: str | None = None,
+    *,
+    cost: tuple[int, int, int] = (0, 0, 0),
 ) -> list[object]:
-    """Report through report.lua with no grant, as a budget-less call does."""
+    """Report through report.lua with no grant, as a budget-less call does.
+
+    ``cost`` is a final report's (cost, caller's leg part, Twilio rate).
+    """
     reply = await Quota(store).report(
         Report(
             workspace_id=workspace,
@@ -67,6 +72,9 @@ async def _report(
             agent_id=agent,
             number=NUMBER,
             end_reason=end_reason,
+            cost_micros=cost[0],
+            caller_leg_micros=cost[1],
+            twilio_micros_per_minute=cost[2],
         )
     )
     return [-1 if reply.state == "closed" and not reply.added_ms else reply.added_ms]
@@ -171,6 +179,50 @@ async def test_twilio_status_ignores_stale_callbacks(
             call_duration_secs=1,
             sequence=0,
         )
+
+
+@pytest.mark.parametrize("twilio_first", [False, True])
+async def test_twilio_duration_reprices_the_callers_leg(
+    store: redis.Redis, ids: tuple[str, str], twilio_first: bool
+) -> None:
+    """Twilio's duration prices the caller's leg, whichever report comes first.
+
+    Callgate metered 50 s (one Twilio minute, 8 500) of a call Twilio billed
+    for 61 s (two minutes): the cost moves by one minute in the record, the
+    month and the day it settled into, and a repeated callback moves nothing.
+    """
+    workspace, agent = ids
+    ledger = Ledger(store)
+    at_ms = 1_796_256_000_000
+    await _open(ledger, workspace, agent, at_ms)
+    platform = 41_667
+    settle = (8_500 + platform, 8_500, 8_500)
+
+    async def twilio(sequence: int) -> bool:
+        return await ledger.record_twilio_status(
+            workspace,
+            CALL,
+            status="completed",
+            call_duration_secs=61,
+            sequence=sequence,
+        )
+
+    if twilio_first:
+        assert await twilio(3)
+    await _report(
+        store, workspace, agent, 50_000, at_ms + 50_000, "caller_hung_up", cost=settle
+    )
+    if not twilio_first:
+        assert await twilio(3)
+    assert not await twilio(3)
+    assert await ledger.record_twilio_status(
+        workspace, CALL, status="completed", call_duration_secs=61, sequence=4
+    )
+
+    expected = 2 * 8_500 + platform
+    assert (await ledger.get_call(workspace, CALL)).cost_micros == expected
+    assert (await ledger.usage(workspace, month_of(at_ms))).cost_micros == expected
+    assert (await ledger.usage(workspace, day_of(at_ms))).cost_micros == expected
 
 
 async def test_pages_never_lose_calls_that_arrived_in_the_same_millisecond(

@@ -464,25 +464,42 @@ def test_call_cost_micros_prorates_platform_per_second(
 def test_call_cost_micros_rounds_half_up() -> None:
     """A half micro-unit rounds up and less than half rounds down."""
     assert call_cost_micros(1_000, "vapi", RateCard(vapi_micros_per_minute=30)) == (
-        CallCost(twilio_micros=8_500, platform_micros=1, total_micros=8_501)
+        CallCost(
+            twilio_micros=8_500,
+            platform_micros=1,
+            total_micros=8_501,
+            caller_leg_micros=8_500,
+        )
     )
     assert call_cost_micros(1_000, "vapi", RateCard(vapi_micros_per_minute=29)) == (
-        CallCost(twilio_micros=8_500, platform_micros=0, total_micros=8_500)
+        CallCost(
+            twilio_micros=8_500,
+            platform_micros=0,
+            total_micros=8_500,
+            caller_leg_micros=8_500,
+        )
     )
 
 
 def test_call_cost_micros_totals_both_parties() -> None:
     """The total is the Twilio share plus the platform share."""
     assert call_cost_micros(90_500, "vapi", RateCard()) == CallCost(
-        twilio_micros=17_000, platform_micros=75_833, total_micros=92_833
+        twilio_micros=17_000,
+        platform_micros=75_833,
+        total_micros=92_833,
+        caller_leg_micros=17_000,
     )
 
 
 def test_call_cost_micros_bills_both_twilio_legs_of_a_retell_call() -> None:
     """A Retell call pays Twilio for the caller's leg and for the SIP leg."""
     # Two started minutes on each leg, 2 * (8_500 + 4_000); 91 s of Retell.
+    # The caller's leg is the part Twilio's duration for the call reprices.
     assert call_cost_micros(90_500, "retell", RateCard()) == CallCost(
-        twilio_micros=25_000, platform_micros=106_167, total_micros=131_167
+        twilio_micros=25_000,
+        platform_micros=106_167,
+        total_micros=131_167,
+        caller_leg_micros=17_000,
     )
     free_sip = RateCard(twilio_sip_micros_per_minute=0)
     assert call_cost_micros(90_500, "retell", free_sip).twilio_micros == 17_000

@@ -31,13 +31,25 @@ async def _finished_call(callgate: Harness) -> tuple[str, str]:
 async def test_status_callback_reconciles_and_observes_drift(
     callgate: Harness, store: redis.Redis
 ) -> None:
-    """Twilio's CallDuration settles the record and its drift is observed."""
+    """Twilio's CallDuration settles the record and its drift is observed.
+
+    Twilio bills the caller's leg for 61 s, two started minutes, where
+    Callgate metered under one: the call's cost, and the workspace's, move by
+    one minute of Twilio's rate (8 500 micro-units by default).
+    """
     workspace_id, call_sid = await _finished_call(callgate)
     assert texts(await store.zrange(keyspace.unreconciled(workspace_id), 0, -1)) == [
         call_sid
     ]
+    settled = await callgate.call_record(workspace_id, call_sid)
+    status, usage = await callgate.api("GET", f"/workspaces/{workspace_id}/usage")
+    assert (status, usage["cost_micros"]) == (200, settled["cost_micros"])
     call = callgate.twilio.calls[-1]
-    assert await callgate.twilio.send_status_callback(call, duration_secs=2) == 204
+    assert await callgate.twilio.send_status_callback(call, duration_secs=61) == 204
+    record = await callgate.call_record(workspace_id, call_sid)
+    assert record["cost_micros"] == settled["cost_micros"] + 8_500
+    status, usage = await callgate.api("GET", f"/workspaces/{workspace_id}/usage")
+    assert usage["cost_micros"] == record["cost_micros"]
     assert await store.zcard(keyspace.unreconciled(workspace_id)) == 0
     labels = {"workspace": workspace_id}
     assert (
@@ -47,9 +59,8 @@ async def test_status_callback_reconciles_and_observes_drift(
         == 1
     )
     drift = callgate.metric("callgate_reconciliation_drift_seconds_sum", labels)
-    record = await callgate.call_record(workspace_id, call_sid)
     assert drift is not None
-    assert abs(drift - abs(2 - record["metered_ms"] / 1000)) < 1e-9
+    assert abs(drift - abs(61 - record["metered_ms"] / 1000)) < 1e-9
 
 
 async def test_calls_without_a_callback_are_looked_up(
