@@ -69,6 +69,8 @@ class CallRecord:
     recording: str | None = None
     cost_micros: int = 0
     account_sid: str | None = None
+    # The <Dial><Sip> leg of a Retell call, once Twilio reported it.
+    sip_call_sid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,4 +412,5 @@ def _record(fields: dict[str, str]) -> CallRecord:
         recording=fields.get("recording") or None,
         cost_micros=int(fields.get("cost_micros", 0)),
         account_sid=fields.get("account_sid") or None,
+        sip_call_sid=fields.get("sip_call_sid") or None,
     )

@@ -78,6 +78,8 @@ class CallSession:
     cutoff_reason: str = "budget"
     cut_by_budget: bool = False
     stranded: bool = False
+    # Ended at a length Twilio gave, which replaces a larger total reported.
+    exact_end: bool = False
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     def metered_ms(self, now_ns: int) -> int:
@@ -220,8 +222,22 @@ class Meter:
         self._metrics.calls_active.labels(workspace_id).inc()
         return session
 
-    async def end(self, session: CallSession, reason: str) -> None:
+    def live(self, provider: Provider | None = None) -> list[CallSession]:
+        """The calls this process is metering now, of ``provider`` if given."""
+        return [
+            s
+            for s in self._sessions.values()
+            if s.ended_ns is None and provider in (None, s.provider)
+        ]
+
+    async def end(
+        self, session: CallSession, reason: str, metered_ms: int | None = None
+    ) -> None:
         """Stop the clock and settle the call's exact use in the store.
+
+        ``metered_ms``, when the call's length is known from elsewhere (Twilio
+        asked after the fact), ends it that long after its start rather than
+        now, and takes back time already reported past that length.
 
         If the store cannot be reached, the session stays queued and the
         periodic report settles it later; nothing is lost while this process
@@ -230,6 +246,11 @@ class Meter:
         if session.ended_ns is not None:
             return
         session.ended_ns = self._clock()
+        if metered_ms is not None:
+            session.ended_ns = min(
+                session.ended_ns, session.started_ns + metered_ms * 1_000_000
+            )
+            session.exact_end = True
         session.end_reason = reason
         self._cancel_timer(session)
         self._metrics.calls_active.labels(session.workspace_id).dec()
@@ -247,6 +268,7 @@ class Meter:
         call_sid: str,
         reason: str,
         billing_step_ms: int = 0,
+        metered_ms: int | None = None,
     ) -> None:
         """End a call whose end was reported to this process, wherever it began.
 
@@ -254,16 +276,19 @@ class Meter:
         session it ends it; otherwise it settles the record from its start
         time on the server clock, rounded up to ``billing_step_ms`` (0 for no
         rounding) as the plan bills it, and the process holding the session
-        drops it at its next report.
+        drops it at its next report. ``metered_ms`` caps the length when
+        Twilio has said how long the call was.
         """
         session = self._sessions.get(call_sid)
         if session is not None:
-            await self.end(session, reason)
+            await self.end(session, reason, metered_ms)
             return
         record = await self._ledger.get_call(workspace_id, call_sid)
         ended_at_ms = now_ms()
         started = record.started_at_ms
         used_ms = max(0, ended_at_ms - started) if started is not None else 0
+        if metered_ms is not None:
+            used_ms = min(used_ms, metered_ms)
         grant = await self._ledger.grant_period(workspace_id, call_sid)
         report = Report(
             workspace_id=workspace_id,
@@ -280,6 +305,7 @@ class Meter:
             number=record.to_number,
             end_reason=reason,
             billable_extra_ms=-used_ms % billing_step_ms if billing_step_ms else 0,
+            exact=metered_ms is not None,
         )
         await self._quota.report(self._priced(report, record.provider or "vapi"))
         self._metrics.calls_ended.labels(workspace_id, reason).inc()
@@ -445,6 +471,7 @@ class Meter:
             number=session.number,
             end_reason=session.end_reason if finished else None,
             billable_extra_ms=extra,
+            exact=finished and session.exact_end,
         )
         return self._priced(report, session.provider) if finished else report
 

@@ -112,6 +112,9 @@ class Report:
     # that reprices it if Twilio's duration is already on the record.
     caller_leg_micros: int = 0
     twilio_micros_per_minute: int = 0
+    # Final only: used_ms is the call's length by Twilio, and replaces a
+    # larger total reported before (a call whose end reports were lost).
+    exact: bool = False
 
 
 class Quota:
@@ -356,6 +359,7 @@ def _report_args(report: Report) -> list[str | int]:
         report.caller_leg_micros,
         report.twilio_micros_per_minute,
         report.day,
+        "1" if report.exact else "0",
     ]
 
 

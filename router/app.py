@@ -149,6 +149,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[stream.TWILIO_API],
         app[webhooks.METRICS],
         after_secs=settings.reconcile_after_secs,
+        meter=meter,
+        workspaces=workspaces,
+        sip_check_secs=settings.sip_check_secs,
     )
     app[RECONCILER] = reconciler
     app[BUDGET_GAUGES] = BudgetGauges(

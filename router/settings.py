@@ -51,6 +51,9 @@ class Settings:
     lease_ms: int
     rates: RateCard
     reconcile_after_secs: int
+    # How often a live Retell call is looked up through Twilio's REST API, in
+    # case every report of its end was lost.
+    sip_check_secs: int = 60
     # Offboarding export archives are deleted this many days after they were
     # written; 0 keeps them until the operator deletes them.
     export_retention_days: int = 30
@@ -150,6 +153,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         reconcile_after_secs=_integer(
             env, "CALLGATE_RECONCILE_AFTER_SECS", 300, 1, 86_400
         ),
+        sip_check_secs=_integer(env, "CALLGATE_SIP_CHECK_SECS", 60, 1, 3_600),
         rates=RateCard(
             twilio_micros_per_minute=_integer(
                 env, "CALLGATE_RATE_TWILIO_MICROS_PER_MIN", 8_500, 0, 10**9

@@ -25,12 +25,14 @@ async def settle_sip_call(
     record: CallRecord,
     status: str,
     source: str,
+    metered_ms: int | None = None,
 ) -> None:
     """Settle ``record`` as Twilio's ``status`` (from ``source``) says it ended.
 
     A call that completed after its SIP leg was answered ended normally (or
     by its budget, if the meter cut it off); any other end means Retell was
-    never reached. A call already settled is left alone.
+    never reached. A call already settled is left alone. ``metered_ms`` is
+    the leg's length when Twilio's REST API gave it.
     """
     if record.ended_at_ms is not None:
         return
@@ -42,7 +44,13 @@ async def settle_sip_call(
         reason = EndReason(session.cutoff_reason)
     plan = await workspaces.plan(workspace_id)
     step = INCREMENT_MS[plan.billing_increment] if plan else 0
-    await meter.end_call(workspace_id, call_sid, reason.value, billing_step_ms=step)
+    await meter.end_call(
+        workspace_id,
+        call_sid,
+        reason.value,
+        billing_step_ms=step,
+        metered_ms=metered_ms,
+    )
     CallLog(call_logger, {"workspace": workspace_id, "call": call_sid}).info(
         "call ended reason=%s %s=%s", reason.value, source, status
     )

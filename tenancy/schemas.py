@@ -120,6 +120,7 @@ class CallOut(BaseModel):
     recording: str | None
     cost_micros: int
     account_sid: str | None
+    sip_call_sid: str | None
 
 
 class CallList(BaseModel):

@@ -15,7 +15,10 @@
 -- ARGV[13] the call's cost to serve in micro-units (final only),
 -- ARGV[14] the billing period's label, ARGV[15] the caller's leg's part of
 -- ARGV[13] (final only), ARGV[16] Twilio's rate per started minute of that
--- leg (final only; 0 leaves the cost as given), ARGV[17] the day's label
+-- leg (final only; 0 leaves the cost as given), ARGV[17] the day's label,
+-- ARGV[18] "1" when a final report's total is the call's length by Twilio,
+-- which replaces a larger total counted before (time past the real end of a
+-- call whose end reports were lost is given back)
 --
 -- A final report records the cost, the caller's leg's part of it and the
 -- labels of the usage hashes it went into, so that Twilio's duration, when it
@@ -48,11 +51,14 @@ if has_grant then
   end
 end
 
--- Usage: only what is above the total already recorded counts.
+-- Usage: only what is above the total already recorded counts, unless the
+-- total is Twilio's length of the call.
 local previous = tonumber(redis.call('HGET', KEYS[4], 'metered_ms') or '0')
 local added = 0
-if total > previous then
+if total > previous or (final and ARGV[18] == '1') then
   added = total - previous
+end
+if added ~= 0 then
   redis.call('HSET', KEYS[4], 'metered_ms', total)
   local agent_field = 'agent:' .. ARGV[9] .. ':ms'
   local number_field = 'number:' .. ARGV[10] .. ':ms'
@@ -72,7 +78,7 @@ if has_grant then
   state = redis.call('HGET', KEYS[2], 'state')
   -- Used time comes out of the call's reservation first; beyond it, the
   -- call overran its grant and the overrun is plain debit.
-  local release = math.min(added, held)
+  local release = math.min(math.max(added, 0), held)
   held = held - release
   if state == 'active' then
     redis.call('HINCRBY', KEYS[1], 'reserved_ms', -release)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
+import redis.asyncio as redis
 
+from router.app import RECONCILER
 from router.webhooks import MAX_CALL_SECS, METER
-from tests.harness import Harness
+from tests.harness import Harness, running_callgate
 from tests.peers.errors import DialRefusedError
 
 NUMBER = "+15005550003"
@@ -116,6 +119,50 @@ async def test_the_callers_status_callback_settles_when_both_leg_reports_are_los
     assert record["end_reason"] == "completed"
     assert 900 <= record["metered_ms"] <= 1600
     assert callgate.app[METER].session(call.sid) is None
+
+
+async def test_a_call_whose_every_end_report_is_lost_is_found_over_by_rest(
+    store: redis.Redis, valkey_url: str, tmp_path: Path
+) -> None:
+    """No callback, no action, no status callback: Twilio's REST API says it.
+
+    The process metering the call asks Twilio about its leg every
+    CALLGATE_SIP_CHECK_SECS; while the leg is up nothing changes, and once it
+    is over the call is settled at the leg's own length, not at the check.
+    """
+    async with running_callgate(
+        valkey_url, tmp_path, CALLGATE_SIP_CHECK_SECS="1"
+    ) as callgate:
+        reconciler = callgate.app[RECONCILER]
+        tenant = await callgate.tenant("alpha", NUMBER, provider="retell")
+        call = await callgate.place(NUMBER, CALLER)
+        await callgate.retell.wait_for_registration(timeout_secs=5)
+        leg = call.dial_leg
+        await leg.ring()
+        await leg.answer()
+        # Real time has to pass for the call to be due a check.
+        await asyncio.sleep(1.1)
+        assert await reconciler.check_sip_calls() == 0  # the leg is up
+        assert callgate.app[METER].session(call.sid) is not None
+        callgate.twilio.webhooks.lose("/twilio/sip-status/")
+        callgate.twilio.webhooks.lose("/twilio/dial-action/")
+        await leg.hang_up(by="callee")
+        await leg.wait_ended(timeout_secs=5)
+        # Checked 1.1 s into the call; the next check is due a second later.
+        assert await reconciler.check_sip_calls() == 0
+        await asyncio.sleep(1.0)
+        assert await reconciler.check_sip_calls() == 1
+
+        record = await callgate.call_record(tenant.workspace_id, call.sid)
+        assert record["end_reason"] == "completed"
+        assert record["sip_call_sid"] == leg.child_sid
+        assert record["metered_ms"] == leg.duration_secs * 1000
+        status, usage = await callgate.api(
+            "GET", f"/workspaces/{tenant.workspace_id}/usage"
+        )
+        assert (status, usage["ms"]) == (200, record["metered_ms"])
+        assert callgate.app[METER].session(call.sid) is None
+        assert await reconciler.check_sip_calls() == 0
 
 
 async def test_retell_refusing_the_registration_sends_the_caller_to_fallback(
