@@ -41,7 +41,7 @@ from metering.budget_events import BudgetEvent, events_after, last_id, stream_po
 from metering.metrics import Metrics
 from tenancy import keyspace
 from tenancy.errors import SealError
-from tenancy.hooks import SECRET_PREFIX, Webhook, Webhooks
+from tenancy.hooks import RELEASE_LOCK, SECRET_PREFIX, Webhook, Webhooks
 from tenancy.logs import metering_logger
 from tenancy.replies import Store, text_map, texts
 from tenancy.workspaces import now_ms
@@ -49,28 +49,27 @@ from tenancy.workspaces import now_ms
 # Events read from a stream per round; a workspace has at most four a period.
 _BATCH: Final = 50
 _USER_AGENT: Final = "Callgate-Webhooks/1"
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 _EXTEND = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
-# Writes delivery state only while the lock is still this process's: once
-# it has lapsed, or offboarding has taken it to delete the workspace, a late
-# write could bring back a key nobody owns.
+# Writes delivery state only while the lock is still this process's and the
+# workspace still exists: once the lock has lapsed, or offboarding has taken
+# it (or deleted it) to delete the workspace, a late write could bring back a
+# key nobody owns.
 _RECORD = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[2], unpack(ARGV, 2))
   return 1
 end
 return 0
 """
+# Workspaces drained at once by one process, so that a slow receiver holds up
+# only its own workspaces.
+_PARALLEL: Final = 16
+_UNREADABLE: Final = "secret does not open"
 
 
 def signature(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
@@ -131,7 +130,7 @@ class Dispatcher:
         self._poll_secs = poll_secs
         self._sweep_secs = sweep_secs
         self._lock_ms = max(lock_ms, int(timeout_secs * 3000))
-        self._release = store.register_script(_RELEASE)
+        self._release = store.register_script(RELEASE_LOCK)
         self._extend = store.register_script(_EXTEND)
         self._record = store.register_script(_RECORD)
         self._wakeup = asyncio.Event()
@@ -174,8 +173,9 @@ class Dispatcher:
                 await self.deliver_due()
             except redis.RedisError:
                 metering_logger.warning("webhook delivery could not reach the store")
-            except SealError:
-                metering_logger.error("a budget webhook secret does not open")
+            except Exception as exc:  # noqa: BLE001 (the loop must outlive any one error)
+                # The type only: a message could quote a URL with credentials.
+                metering_logger.error("webhook delivery failed: %s", type(exc).__name__)
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
             # cancellation that lands as the wait ends, and close() would hang.
             with contextlib.suppress(TimeoutError):
@@ -195,22 +195,36 @@ class Dispatcher:
         return marked
 
     async def deliver_due(self) -> None:
-        """Deliver for every workspace whose turn has come."""
+        """Deliver for every workspace whose turn has come, several at once."""
         due = texts(
             await self._store.zrangebyscore(
                 keyspace.WEBHOOKS_DUE, "-inf", now_ms(), start=0, num=100
             )
         )
-        for workspace_id in due:
-            try:
-                await self._drain(workspace_id)
-            except SealError:
-                # A secret sealed under another CALLGATE_SECRET_KEY: this
-                # workspace waits (and stays due) while the others go on.
-                metering_logger.error(
-                    "cannot open the budget webhook secret of workspace %s",
-                    workspace_id,
-                )
+        room = asyncio.Semaphore(_PARALLEL)
+
+        async def drain(workspace_id: str) -> None:
+            async with room:
+                try:
+                    await self._drain(workspace_id)
+                except redis.RedisError:
+                    metering_logger.warning(
+                        "webhook delivery could not reach the store"
+                    )
+                except Exception as exc:  # noqa: BLE001 (one workspace's error stays its own)
+                    metering_logger.error(
+                        "webhook delivery for workspace %s failed: %s",
+                        workspace_id,
+                        type(exc).__name__,
+                    )
+                    # Not at once again: the others come first.
+                    later = now_ms() + int(self._retry_secs * 1000)
+                    with contextlib.suppress(redis.RedisError):
+                        await self._store.zadd(
+                            keyspace.WEBHOOKS_DUE, {workspace_id: later}
+                        )
+
+        await asyncio.gather(*(drain(workspace_id) for workspace_id in due))
 
     async def _drain(self, workspace_id: str) -> None:
         lock = keyspace.delivery_lock(workspace_id)
@@ -221,6 +235,7 @@ class Dispatcher:
             if not await self._store.exists(keyspace.workspace(workspace_id)):
                 await self._store.zrem(keyspace.WEBHOOKS_DUE, workspace_id)
                 return
+            newest = await last_id(self._store, workspace_id)
             come_back: int | None = None
             for target, hook in await self._webhooks.targets(workspace_id):
                 when = await self._deliver(workspace_id, target, hook, lock, token)
@@ -228,6 +243,14 @@ class Dispatcher:
                     come_back = when if come_back is None else min(come_back, when)
             if come_back is not None:
                 await self._store.zadd(keyspace.WEBHOOKS_DUE, {workspace_id: come_back})
+                # An event appended while this drain ran must not wait for
+                # the target in backoff: whatever announced it may have been
+                # overwritten by the line above, so look for it.
+                if await last_id(self._store, workspace_id) != newest:
+                    await self._store.zadd(
+                        keyspace.WEBHOOKS_DUE, {workspace_id: now_ms()}
+                    )
+                    self._wakeup.set()
                 return
             await self._store.zrem(keyspace.WEBHOOKS_DUE, workspace_id)
             # An event appended and announced between the reads above and this
@@ -254,10 +277,21 @@ class Dispatcher:
         events = await events_after(self._store, workspace_id, cursor, _BATCH)
         delivered = int(state.get("delivered", "0"))
         attempts = int(state.get("attempts", "0"))
+        secret: str | None = None
+        # A secret sealed under another CALLGATE_SECRET_KEY stays None: this
+        # webhook backs off like a failing one until its secret is rotated.
+        if events:
+            with contextlib.suppress(SealError):
+                secret = await self._webhooks.secret(
+                    workspace_id if target == "workspace" else None
+                )
         for event in events:
             if not await self._extend(keys=[lock], args=[token, self._lock_ms]):
                 return now_ms()  # the lock lapsed; whoever holds it carries on
-            attempt = await self._send(hook, event)
+            if secret is None:
+                attempt = Attempt(None, _UNREADABLE)
+            else:
+                attempt = await self._send(hook.url, secret, event)
             if attempt.delivered:
                 delivered += 1
                 attempts = 0
@@ -270,7 +304,7 @@ class Dispatcher:
                     "last_error": "",
                     "delivered_at_ms": now_ms(),
                 }
-                if not await self._write(lock, token, state_key, fields):
+                if not await self._write(workspace_id, lock, token, state_key, fields):
                     return None
                 self._metrics.webhook_deliveries.labels(
                     workspace_id, target, "delivered"
@@ -297,23 +331,27 @@ class Dispatcher:
                 attempts,
                 delay,
             )
-            if not await self._write(lock, token, state_key, fields):
+            if not await self._write(workspace_id, lock, token, state_key, fields):
                 return None
             return retry_at
         return now_ms() if len(events) == _BATCH else None
 
     async def _write(
-        self, lock: str, token: str, state_key: str, fields: dict[str, str | int]
+        self,
+        workspace_id: str,
+        lock: str,
+        token: str,
+        state_key: str,
+        fields: dict[str, str | int],
     ) -> bool:
         """Record delivery state if the lock is still held; False if it is not."""
         pairs: list[str | int] = [token]
         for name, value in fields.items():
             pairs += [name, value]
-        return bool(await self._record(keys=[lock, state_key], args=pairs))
+        keys = [lock, state_key, keyspace.workspace(workspace_id)]
+        return bool(await self._record(keys=keys, args=pairs))
 
-    async def _send(self, hook: Webhook, event: BudgetEvent) -> Attempt:
-        secret = hook.secret
-        assert secret is not None, "targets() opens every secret"
+    async def _send(self, url: str, secret: str, event: BudgetEvent) -> Attempt:
         body = event.body()
         timestamp = int(time.time())
         headers = {
@@ -324,18 +362,18 @@ class Dispatcher:
             "webhook-signature": signature(secret, event.id, timestamp, body),
         }
         try:
+            # The answer's body is not read: only its status counts.
             async with self._http.post(
-                hook.url,
+                url,
                 data=body,
                 headers=headers,
                 allow_redirects=False,
                 timeout=self._timeout,
             ) as response:
-                await response.read()
                 return Attempt(response.status, None)
         except TimeoutError:
             return Attempt(None, "timed out")
-        except aiohttp.ClientError as exc:
+        except Exception as exc:  # noqa: BLE001 (any failure is a failed attempt)
             return Attempt(None, type(exc).__name__)
 
     async def _has_pending(self, workspace_id: str) -> bool:

@@ -472,6 +472,7 @@ class Meter:
             end_reason=session.end_reason if finished else None,
             billable_extra_ms=extra,
             exact=finished and session.exact_end,
+            cut_off=finished and session.cut_by_budget,
         )
         return self._priced(report, session.provider) if finished else report
 
@@ -503,8 +504,6 @@ class Meter:
             return
         if finished:
             self._sessions.pop(session.call_sid, None)
-            if session.cut_by_budget:
-                self._spawn(self._record_cutoff(session))
             return
         if session.budget is None:
             return
@@ -535,22 +534,9 @@ class Meter:
         """The final units ran out: end the call, and if the budget did it, say so."""
         if session.exhausted or session.ended_ns is not None:
             return
-        self._exhaust(session, reason)
-        # Recorded once the call's final report is in, so that the period's
-        # threshold events that report crosses come before the cut-off.
+        # The final report records the period's cut-off with the call's end.
         session.cut_by_budget = reason == "budget" and session.budget is not None
-
-    async def _record_cutoff(self, session: CallSession) -> None:
-        try:
-            await self._quota.cut_off(
-                session.workspace_id, session.period, now_ms(), "call_ended"
-            )
-        except redis.RedisError:
-            # The next refusal or cut-off of the period records it instead.
-            metering_logger.warning(
-                "could not record the budget cut-off of workspace %s",
-                session.workspace_id,
-            )
+        self._exhaust(session, reason)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

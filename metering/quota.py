@@ -115,6 +115,9 @@ class Report:
     # Final only: used_ms is the call's length by Twilio, and replaces a
     # larger total reported before (a call whose end reports were lost).
     exact: bool = False
+    # Final only: the budget ended this call, so the period's cut-off event
+    # is recorded with its final report (after the thresholds it crosses).
+    cut_off: bool = False
 
 
 class Quota:
@@ -127,7 +130,6 @@ class Quota:
         self._report = _script(store, "report")
         self._reclaim = _script(store, "reclaim")
         self._orphan = store.register_script(_lua("orphan"))
-        self._cutoff = _script(store, "cutoff")
         # Told the workspace's id whenever a script appended budget events.
         self.on_events: Callable[[str], Awaitable[None]] | None = None
 
@@ -221,26 +223,6 @@ class Quota:
         reply = answer(await self._report_now(report))
         await self._announce(report.workspace_id, reply.events)
         return reply
-
-    async def cut_off(
-        self, workspace_id: str, period: str, now_ms: int, reason: str
-    ) -> int:
-        """Record the period's cut-off event unless it has one; return 1 if new.
-
-        The meter calls this when a call's final units run out; admission
-        records refusals for budget itself.
-        """
-        events = int(
-            await self._cutoff(
-                keys=[
-                    keyspace.quota(workspace_id, period),
-                    keyspace.budget_events(workspace_id),
-                ],
-                args=[period, now_ms, reason],
-            )
-        )
-        await self._announce(workspace_id, events)
-        return events
 
     async def set_limit(self, workspace_id: str, period: str, limit_ms: int) -> None:
         """Set the period's hard cap; running calls follow it at their next report."""
@@ -360,6 +342,7 @@ def _report_args(report: Report) -> list[str | int]:
         report.twilio_micros_per_minute,
         report.day,
         "1" if report.exact else "0",
+        "1" if report.cut_off else "0",
     ]
 
 

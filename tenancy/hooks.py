@@ -13,7 +13,12 @@ nothing pending is skipped.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
+import re
 import secrets
+import time
 from base64 import b64encode
 from dataclasses import dataclass
 from typing import Final
@@ -23,12 +28,22 @@ from yarl import URL
 from metering.budget_events import last_id
 from tenancy import keyspace
 from tenancy.errors import InvalidInputError
-from tenancy.replies import HashFields, Store, text_map, texts
+from tenancy.replies import HashFields, Store, text_map, text_or_none, texts
 from tenancy.vault import Vault
 from tenancy.workspaces import now_ms
 
 SECRET_PREFIX: Final = "whsec_"  # noqa: S105 (a format marker, not a secret)
 MAX_URL_LENGTH: Final = 2000
+# Deletes a workspace's delivery lock only if it is still the caller's.
+RELEASE_LOCK: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# How long a registration change waits for a delivery in flight to finish.
+_RESET_WAIT_SECS: Final = 30.0
+_RESET_LOCK_MS: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +61,20 @@ class Webhook:
     updated_at_ms: int
 
 
+_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _host_ok(host: str) -> bool:
+    """An IP address, or a DNS name (IDNA-encoded) of well-formed labels."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return True
+    name = host.removesuffix(".")
+    return 0 < len(name) <= 253 and all(
+        _LABEL.fullmatch(label) for label in name.split(".")
+    )
+
+
 def check_url(url: str) -> str:
     """``url`` if it is an absolute http(s) URL a webhook can be sent to."""
     if len(url) > MAX_URL_LENGTH:
@@ -56,6 +85,8 @@ def check_url(url: str) -> str:
         raise InvalidInputError("url is not a valid URL", "url") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise InvalidInputError("url must be an absolute http or https URL", "url")
+    if not _host_ok(parsed.raw_host or ""):
+        raise InvalidInputError("url's host is not a valid host name", "url")
     if parsed.fragment:
         raise InvalidInputError("url must not have a fragment", "url")
     return url
@@ -75,6 +106,7 @@ class Webhooks:
     def __init__(self, store: Store, vault: Vault) -> None:
         self._store = store
         self._vault = vault
+        self._release = store.register_script(RELEASE_LOCK)
 
     @property
     def store(self) -> Store:
@@ -102,7 +134,41 @@ class Webhooks:
             fields["created_at_ms"] = now
             await self._start_at_present(workspace_id)
         await self._store.hset(_key(workspace_id), mapping=fields)
+        if current is not None and (secret is not None or current.url != url):
+            await self._retry_now(workspace_id)
         return Webhook(url, secret, created, now), secret is not None
+
+    async def _retry_now(self, workspace_id: str | None) -> None:
+        # A mended URL or secret is tried at once, not after the backoff the
+        # broken one had earned. The reset is made under the workspace's
+        # delivery lock, so that a delivery in flight cannot write its failure
+        # (and its retry time) over it afterwards.
+        if workspace_id is not None:
+            targets = [(workspace_id, "workspace")]
+        else:
+            ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
+            targets = [(each, "operator") for each in ids]
+        for each, target in targets:
+            state = keyspace.webhook_delivery(each, target)
+            retry_at = text_or_none(await self._store.hget(state, "next_attempt_ms"))
+            if retry_at in (None, "0"):
+                continue  # not backing off
+            lock = keyspace.delivery_lock(each)
+            token = secrets.token_hex(16)
+            deadline = time.monotonic() + _RESET_WAIT_SECS
+            while not await self._store.set(lock, token, nx=True, px=_RESET_LOCK_MS):
+                if time.monotonic() > deadline:
+                    break  # its next retry comes at its time
+                await asyncio.sleep(0.05)
+            else:
+                try:
+                    if await self._store.exists(keyspace.workspace(each)):
+                        await self._store.hset(
+                            state, mapping={"attempts": 0, "next_attempt_ms": 0}
+                        )
+                        await self._store.zadd(keyspace.WEBHOOKS_DUE, {each: now_ms()})
+                finally:
+                    await self._release(keys=[lock], args=[token])
 
     async def _start_at_present(self, workspace_id: str | None) -> None:
         # Deliveries of a new registration begin after the newest event.
@@ -163,12 +229,24 @@ class Webhooks:
         return names
 
     async def targets(self, workspace_id: str) -> list[tuple[str, Webhook]]:
-        """Where ``workspace_id``'s events go: its own webhook, then the operator's."""
+        """Where ``workspace_id``'s events go: its own webhook, then the operator's.
+
+        Secrets are left sealed: :meth:`secret` opens each when it is needed,
+        so one that does not open holds back only its own webhook.
+        """
         found: list[tuple[str, Webhook]] = []
-        own = await self.get(workspace_id)
+        own = await self.describe(workspace_id)
         if own is not None:
             found.append(("workspace", own))
-        operator = await self.get(None)
+        operator = await self.describe(None)
         if operator is not None:
             found.append(("operator", operator))
         return found
+
+    async def secret(self, workspace_id: str | None) -> str | None:
+        """The opened secret of a registration, ``None`` if it was removed.
+
+        Raises :class:`~tenancy.errors.SealError` if the secret does not open.
+        """
+        hook = await self.get(workspace_id)
+        return None if hook is None else hook.secret

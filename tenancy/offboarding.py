@@ -602,12 +602,17 @@ class Offboarding:
                 counts[kind] = counts.get(kind, 0) + 1
             state["deleted"] = counts
             await self._save(state)
+        # The lock goes last: while it stands no delivery can start and
+        # write a key the scan has passed.
+        lock = keyspace.delivery_lock(workspace_id)
         async for name in self._store.scan_iter(
             match=keyspace.workspace_pattern(workspace_id)
         ):
-            await self._store.delete(name)
+            if text(name) != lock:
+                await self._store.delete(name)
         await self._store.zrem(keyspace.WORKSPACES, workspace_id)
         await self._store.zrem(keyspace.WEBHOOKS_DUE, workspace_id)
+        await self._store.delete(lock)
         owned = text_map(await self._store.hgetall(keyspace.NUMBERS))
         for e164, owner in owned.items():
             if owner == workspace_id:

@@ -11,7 +11,8 @@
 -- Returns {1, granted ms, "ok", available ms, events} or {0, 0, "concurrency"
 -- | "budget", 0, events}, where available is what the period had left before
 -- this grant and events counts budget events appended (a lowered limit can
--- cross a threshold; a refusal for budget is the period's cut-off). Admitting
+-- cross a threshold; a refusal for budget once use has left less than the
+-- smallest grant is the period's cut-off). Admitting
 -- the same call twice returns its existing grant.
 local now = tonumber(ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -29,7 +30,11 @@ local used = tonumber(redis.call('HGET', KEYS[1], 'used_ms') or '0')
 local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved_ms') or '0')
 local available = tonumber(ARGV[5]) - used - reserved
 if available < tonumber(ARGV[7]) then
-  events = events + cutoff_event(KEYS[1], KEYS[4], ARGV[6], now, 'call_refused')
+  -- The period's cut-off only once use itself leaves too little: a refusal
+  -- while running calls hold the rest may be followed by their giving it back.
+  if tonumber(ARGV[5]) - used < tonumber(ARGV[7]) then
+    events = events + cutoff_event(KEYS[1], KEYS[4], ARGV[6], now, 'call_refused')
+  end
   return {0, 0, 'budget', 0, events}
 end
 local grant = math.min(tonumber(ARGV[2]), available)

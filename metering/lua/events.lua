@@ -1,5 +1,5 @@
--- Budget events, shared by admit.lua, report.lua and cutoff.lua (the quota
--- engine puts this text in front of theirs).
+-- Budget events, shared by admit.lua and report.lua (the quota engine puts
+-- this text in front of theirs).
 --
 -- Each event is appended to the workspace's event stream at most once per
 -- billing period: a field of the period's quota hash marks it as emitted, in

@@ -18,7 +18,9 @@
 -- leg (final only; 0 leaves the cost as given), ARGV[17] the day's label,
 -- ARGV[18] "1" when a final report's total is the call's length by Twilio,
 -- which replaces a larger total counted before (time past the real end of a
--- call whose end reports were lost is given back)
+-- call whose end reports were lost is given back), ARGV[19] "1" when the
+-- budget ended the call: its final report records the period's cut-off
+-- event, after any threshold event it crosses
 --
 -- A final report records the cost, the caller's leg's part of it and the
 -- labels of the usage hashes it went into, so that Twilio's duration, when it
@@ -112,6 +114,9 @@ if final then
     redis.call('ZADD', KEYS[7], ARGV[4], ARGV[12])
   end
   local events = threshold_events(KEYS[1], KEYS[8], ARGV[14], ARGV[4])
+  if ARGV[19] == '1' then
+    events = events + cutoff_event(KEYS[1], KEYS[8], ARGV[14], ARGV[4], 'call_ended')
+  end
   return {0, 0, 'settled', added, events}
 end
 

@@ -15,13 +15,14 @@ from standardwebhooks.webhooks import Webhook as ReferenceWebhook
 
 from metering.budget_events import BudgetEvent
 from metering.delivery import backoff_secs, signature
-from metering.plans import period_of
+from metering.plans import day_of, period_of
+from metering.quota import Report
 from tenancy import api, keyspace
 from tenancy.errors import InvalidInputError
 from tenancy.hooks import check_url
 from tenancy.vault import Vault
 from tenancy.workspaces import now_ms
-from tests.harness import Harness, callgate_process, running_callgate
+from tests.harness import Harness, Tenant, callgate_process, running_callgate
 from tests.peers.audio import split_frames, tone_mulaw
 from tests.peers.budget_hooks import BudgetHookReceiver
 
@@ -208,15 +209,106 @@ async def test_events_arrive_signed_once_in_order_through_a_failing_receiver(
     }
 
 
+async def _spend(callgate: Harness, tenant: Tenant, index: int, used_ms: int) -> None:
+    """A call using ``used_ms`` of a 10 s budget, admitted and settled by the
+    quota engine as the meter does it (its events announced to the dispatcher)."""
+    ledger, quota = callgate.app[api.LEDGER], callgate.app[api.QUOTA]
+    call_sid = f"CA{index:032x}"
+    at_ms = now_ms()
+    period = period_of(at_ms, "UTC").label
+    await ledger.open_call(
+        tenant.workspace_id,
+        call_sid,
+        agent_id=tenant.agent_id,
+        from_number=CALLER,
+        to_number=tenant.number,
+        arrived_at_ms=at_ms,
+    )
+    admission = await quota.admit(
+        tenant.workspace_id,
+        call_sid,
+        period=period,
+        limit_ms=10_000,
+        max_concurrent=5,
+        grant_ms=used_ms,
+        min_grant_ms=1_000,
+        lease_ms=10_000,
+        account_sid="AC" + "0" * 32,
+        now_ms=at_ms,
+    )
+    assert admission.admitted
+    await quota.report(
+        Report(
+            workspace_id=tenant.workspace_id,
+            call_sid=call_sid,
+            period=period,
+            day=day_of(at_ms, "UTC"),
+            seq=1,
+            used_ms=used_ms,
+            want_ms=0,
+            now_ms=at_ms,
+            lease_ms=10_000,
+            limit_ms=10_000,
+            agent_id=tenant.agent_id,
+            number=tenant.number,
+            end_reason="completed",
+        )
+    )
+
+
+async def test_a_webhook_in_backoff_holds_back_no_other_and_mends_at_once(
+    store: redis.Redis, valkey_url: str, tmp_path: Path, receiver: BudgetHookReceiver
+) -> None:
+    """Alpha's own webhook fails and backs off for 15 s or more.
+
+    The operator's webhook, slow to answer, still gets the 80% event that was
+    recorded while it was receiving the 50% one; and once the operator points
+    alpha's webhook at a working URL, both events reach it at once, in order.
+    """
+    async with running_callgate(
+        valkey_url, tmp_path, CALLGATE_WEBHOOK_RETRY_MS="20000"
+    ) as callgate:
+        alpha = await callgate.tenant("alpha", NUMBER_A)
+        path = f"/workspaces/{alpha.workspace_id}/webhook"
+        await _register(callgate, receiver, path, "alpha")
+        await _register(callgate, receiver, "/webhook", "operator")
+        receiver.failures["alpha"] = 1_000
+        receiver.delays["operator"] = 1.0
+
+        await _spend(callgate, alpha, 1, 5_000)  # 50%
+        await receiver.changes.wait_until(
+            lambda: "operator" in receiver.arrivals,
+            "the operator's first delivery",
+            10.0,
+        )
+        # The operator's webhook is taking the 50% event now, alpha's failed.
+        await _spend(callgate, alpha, 2, 3_000)  # 80%
+        seen = await receiver.wait_accepted("operator", 2, timeout_secs=5.0)
+        assert [r.event["data"]["threshold_percent"] for r in seen] == [50, 80]
+        assert [r.answered for r in receiver.requests if r.endpoint == "alpha"] == [500]
+
+        status, hook = await callgate.api("GET", path)
+        assert (status, hook["delivery"]["pending"]) == (200, 2)
+        receiver.secrets["mended"] = receiver.secrets["alpha"]
+        status, _ = await callgate.api("PUT", path, {"url": receiver.url("mended")})
+        assert status == 200
+        mended = await receiver.wait_accepted("mended", 2, timeout_secs=5.0)
+        assert [r.webhook_id for r in mended] == [r.webhook_id for r in seen]
+
+
 async def test_a_secret_that_does_not_open_holds_back_only_its_own_webhook(
     callgate: Harness, receiver: BudgetHookReceiver, store: redis.Redis
 ) -> None:
-    """Bravo's event arrives; alpha's waits, readable, until its secret is rotated."""
+    """Bravo's event arrives; alpha's waits, readable, until its secret is rotated.
+
+    The operator's webhook gets both workspaces' events all the while.
+    """
     alpha = await callgate.tenant("alpha", NUMBER_A)
     bravo = await callgate.tenant("bravo", NUMBER_B)
     for tenant, endpoint in ((alpha, "alpha"), (bravo, "bravo")):
         path = f"/workspaces/{tenant.workspace_id}/webhook"
         await _register(callgate, receiver, path, endpoint)
+    await _register(callgate, receiver, "/webhook", "operator")
     # As if CALLGATE_SECRET_KEY had changed since alpha's secret was sealed.
     stranger = Vault("another-" + "k" * 32)
     await store.hset(
@@ -224,16 +316,31 @@ async def test_a_secret_that_does_not_open_holds_back_only_its_own_webhook(
         "secret",
         stranger.seal("whsec_AAAA", f"webhook:{alpha.workspace_id}"),
     )
+    # A call refused by a spent budget records each period's cut-off.
     quota = callgate.app[api.QUOTA]
     period = period_of(now_ms(), "UTC").label
     for tenant in (alpha, bravo):
-        recorded = await quota.cut_off(
-            tenant.workspace_id, period, now_ms(), "call_ended"
+        admission = await quota.admit(
+            tenant.workspace_id,
+            "CA" + "0" * 32,
+            period=period,
+            limit_ms=0,
+            max_concurrent=1,
+            grant_ms=1_000,
+            min_grant_ms=1_000,
+            lease_ms=1_000,
+            account_sid="AC" + "0" * 32,
+            now_ms=now_ms(),
         )
-        assert recorded == 1
+        assert admission.refused == "budget"
 
     [bravo_event] = await receiver.wait_accepted("bravo", 1)
     assert bravo_event.event["data"]["workspace_id"] == bravo.workspace_id
+    operator_seen = await receiver.wait_accepted("operator", 2)
+    assert {r.event["data"]["workspace_id"] for r in operator_seen} == {
+        alpha.workspace_id,
+        bravo.workspace_id,
+    }
     path = f"/workspaces/{alpha.workspace_id}/webhook"
     status, hook = await callgate.api("GET", path)
     assert status == 200, hook
@@ -313,6 +420,17 @@ def test_webhook_urls_are_absolute_http() -> None:
         check_url("https://hooks.example.com/a?b=c")
         == "https://hooks.example.com/a?b=c"
     )
-    for bad in ("mailto:x@example.com", "https:///path", "x" * 2001):
+    assert check_url("http://127.0.0.1:8080/x") == "http://127.0.0.1:8080/x"
+    assert check_url("https://bücher.example/h") == "https://bücher.example/h"
+    for bad in (
+        "mailto:x@example.com",
+        "https:///path",
+        "x" * 2001,
+        # Hosts no connection can be made to, which aiohttp fails to encode.
+        "https://hooks..example.com/x",
+        "https://.:1/",
+        "https://exa mple.com/",
+        "https://-hooks.example.com/",
+    ):
         with pytest.raises(InvalidInputError):
             check_url(bad)

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from metering.budget_events import all_events
 from metering.ledger import Ledger
 from metering.quota import Quota, Report
 from tenancy import keyspace
@@ -116,6 +117,38 @@ async def test_admit_grants_only_what_the_budget_has_left(engine_store: Store) -
         45_000,
         0,
     )
+
+
+async def test_the_cut_off_is_recorded_when_use_spends_the_budget(
+    engine_store: Store,
+) -> None:
+    """Refused while running calls hold the rest: no cut-off yet, it may come back.
+
+    The period's one cut-off event waits for a refusal with the budget used
+    up, or for the final report of a call the budget ended, which records it
+    after the thresholds that report crosses.
+    """
+    workspace = Workspace(engine_store, limit_ms=60_000, max_concurrent=5)
+    assert await workspace.admit(1) == 30_000
+    assert await workspace.admit(2) == 30_000
+    assert await workspace.admit(3) == -1  # held, not used
+    stream = keyspace.budget_events(workspace.id)
+    assert await engine_store.xlen(stream) == 0
+
+    quota = workspace.quota
+    await quota.report(workspace.report(1, 1, 30_000, end_reason="completed"))
+    await quota.report(
+        workspace.report(2, 1, 30_000, end_reason="budget", cut_off=True)
+    )
+    kinds = [(e.kind, e.reason) for e in await all_events(engine_store, workspace.id)]
+    assert kinds == [
+        ("50", None),
+        ("80", None),
+        ("100", None),
+        ("cutoff", "call_ended"),
+    ]
+    assert await workspace.admit(4) == -1  # once per period
+    assert await engine_store.xlen(stream) == 4
 
 
 async def test_report_debits_renews_and_ignores_retries(engine_store: Store) -> None:

@@ -2,7 +2,7 @@
 
 Signatures are checked with the Standard Webhooks reference library, not with
 Callgate's signing code. The receiver can be told to fail its next requests,
-to show that deliveries are retried.
+to show that deliveries are retried, and to take its time answering.
 """
 
 import asyncio
@@ -43,6 +43,10 @@ class BudgetHookReceiver:
 
     secrets: dict[str, str] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    # Seconds an endpoint waits before it answers.
+    delays: dict[str, float] = field(default_factory=dict)
+    # Endpoints in the order requests reached them, before any answer.
+    arrivals: list[str] = field(default_factory=list)
     requests: list[HookRequest] = field(default_factory=list)
     changes: Changes = field(default_factory=Changes)
     _runner: web.AppRunner | None = None
@@ -85,6 +89,10 @@ class BudgetHookReceiver:
     async def _receive(self, request: web.Request) -> web.Response:
         endpoint = request.match_info["endpoint"]
         body = await request.read()
+        self.arrivals.append(endpoint)
+        self.changes.notify()
+        if self.delays.get(endpoint):
+            await asyncio.sleep(self.delays[endpoint])
         secret = self.secrets.get(endpoint)
         verified = False
         if secret is not None:
