@@ -8,11 +8,17 @@ did reach the store, or replaying twice, changes nothing. For the same reason
 only each call's latest report per period and day needs keeping: the journal
 drops the older ones as it grows, so a long outage costs a line or so per
 live call, not one per call per tick.
+
+Processes may share a data directory. Each takes the first free slot of the
+journal directory, held by an exclusive ``flock`` on the slot's lock file
+for as long as it lives, and writes only that slot's files. A process that
+dies frees its slot; the next to start there takes it, and its journal.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 from pathlib import Path
 
@@ -20,9 +26,9 @@ import orjson
 
 from metering.quota import Report
 
-_JOURNAL = "meter.jsonl"
-_REPLAYING = "meter.replaying.jsonl"
-_COMPACTING = "meter.compacting.jsonl"
+# Slots a journal directory offers; more processes than this on one data
+# directory is a configuration mistake worth stopping at.
+_SLOTS = 256
 # Lines appended past twice the last compaction's size before the next one.
 _SLACK_LINES = 1024
 
@@ -61,9 +67,12 @@ class Journal:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self._path = directory / _JOURNAL
-        self._replaying = directory / _REPLAYING
-        self._compacting = directory / _COMPACTING
+        self._lock, slot = _take_slot(directory)
+        stem = "meter" if slot == 0 else f"meter-{slot}"
+        self.slot = slot
+        self._path = directory / f"{stem}.jsonl"
+        self._replaying = directory / f"{stem}.replaying.jsonl"
+        self._compacting = directory / f"{stem}.compacting.jsonl"
         self._lines = self._count(self._path)
         self._compacted_lines = 0
         self.depth = self._lines + self._count(self._replaying)
@@ -78,24 +87,37 @@ class Journal:
         if self._lines > 2 * self._compacted_lines + _SLACK_LINES:
             self._compact()
 
+    def close(self) -> None:
+        """Give the slot up (a process that dies gives it up all the same)."""
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
     def _compact(self) -> None:
         """Rewrite the journal with only the reports :func:`latest` keeps."""
-        kept = latest(_read(self._path))
-        # Written aside and renamed over: a crash leaves one whole journal.
+        kept = self._rewrite(self._path)
+        self.depth -= self._lines - kept
+        self._lines = self._compacted_lines = kept
+
+    def _rewrite(self, path: Path) -> int:
+        """Rewrite ``path`` with what :func:`latest` keeps; return how many."""
+        kept = latest(_read(path))
+        # Written aside and renamed over: a crash leaves one whole file.
         _write(self._compacting, kept, "wb")
-        self._compacting.replace(self._path)
-        directory = os.open(self._path.parent, os.O_RDONLY)
+        self._compacting.replace(path)
+        directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
         finally:
             os.close(directory)
-        self.depth -= self._lines - len(kept)
-        self._lines = self._compacted_lines = len(kept)
+        return len(kept)
 
     def take(self) -> list[Report]:
         """Every journaled report, oldest first, set aside until :meth:`done`.
 
-        A replay that a crash interrupted is taken again first.
+        A replay that a crash (or a store still down) interrupted is taken
+        again first. What is set aside is kept compacted, so replays tried
+        on every tick of a long outage stay a line or so per call.
         """
         if self._path.exists():
             with self._path.open("rb") as new, self._replaying.open("ab") as old:
@@ -104,6 +126,7 @@ class Journal:
                 os.fsync(old.fileno())
             self._path.unlink()
             self._lines = self._compacted_lines = 0
+            self.depth = self._rewrite(self._replaying)
         if not self._replaying.exists():
             return []
         return latest(_read(self._replaying))
@@ -119,3 +142,16 @@ class Journal:
             return 0
         with path.open("rb") as handle:
             return sum(1 for line in handle if line.strip())
+
+
+def _take_slot(directory: Path) -> tuple[int, int]:
+    """Lock the first free slot of ``directory``: its lock's descriptor and number."""
+    for slot in range(_SLOTS):
+        descriptor = os.open(directory / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            continue
+        return descriptor, slot
+    raise RuntimeError(f"every journal slot in {directory} is taken")

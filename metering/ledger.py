@@ -173,11 +173,25 @@ class Ledger:
                 stream_sid,
                 lease_until_ms,
                 call_sid,
+                period,
+                day,
             ],
         )
         if result == -1:
             raise CallNotFoundError(call_sid)
         return bool(result == 1)
+
+    async def counted_in(
+        self, workspace_id: str, call_sid: str
+    ) -> tuple[str, str] | None:
+        """The period and day a started call is counted in, as it started."""
+        period, day = (
+            text_or_none(value)
+            for value in await self._store.hmget(
+                keyspace.call(workspace_id, call_sid), ["usage_period", "usage_day"]
+            )
+        )
+        return None if period is None or day is None else (period, day)
 
     async def grant_period(self, workspace_id: str, call_sid: str) -> str | None:
         """The billing period a call's grant was taken from, if it has one."""

@@ -165,6 +165,8 @@ class Meter:
         for task in list(self._callbacks):
             task.cancel()
         await asyncio.gather(*self._callbacks, return_exceptions=True)
+        if self._journal is not None:
+            self._journal.close()
 
     async def begin(
         self,
@@ -289,12 +291,19 @@ class Meter:
         used_ms = max(0, ended_at_ms - started) if started is not None else 0
         if metered_ms is not None:
             used_ms = min(used_ms, metered_ms)
-        grant = await self._ledger.grant_period(workspace_id, call_sid)
+        # Counted where it started (the plan's time zone decides the day);
+        # a call that never started falls back to UTC.
+        counted = await self._ledger.counted_in(workspace_id, call_sid)
+        if counted is None:
+            grant = await self._ledger.grant_period(workspace_id, call_sid)
+            at_ms = started or ended_at_ms
+            counted = (grant or period_of(at_ms, "UTC").label, day_of(at_ms, "UTC"))
+        period, day = counted
         report = Report(
             workspace_id=workspace_id,
             call_sid=call_sid,
-            period=grant or period_of(started or ended_at_ms, "UTC").label,
-            day=day_of(started or ended_at_ms, "UTC"),
+            period=period,
+            day=day,
             seq=1 << 30,
             used_ms=used_ms,
             want_ms=0,
@@ -373,6 +382,7 @@ class Meter:
             if any(isinstance(reply, BaseException) for reply in replies):
                 return False
             journal.done()
+        self._store_reached()
         self._metrics.journal_depth.set(journal.depth)
         metering_logger.info("replayed %d journaled reports", len(reports))
         return True
@@ -401,11 +411,7 @@ class Meter:
             self._metrics.meter_flushes.labels("error").inc()
             self._store_lost(queued, reports)
             return
-        if not self.store_up:
-            self.store_up = True
-            self._store_back_ns = self._clock()
-            self._metrics.store_up.set(1)
-            metering_logger.warning("store reachable again")
+        self._store_reached()
         failed = sum(1 for reply in replies if isinstance(reply, BaseException))
         self._metrics.meter_flushes.labels("error" if failed else "ok").inc()
         for (session, total, finished), reply in zip(queued, replies, strict=True):
@@ -415,6 +421,14 @@ class Meter:
                 )
                 continue
             self._apply(session, total, finished, reply)
+
+    def _store_reached(self) -> None:
+        """The store answered: if it was lost, it is back from now."""
+        if not self.store_up:
+            self.store_up = True
+            self._store_back_ns = self._clock()
+            self._metrics.store_up.set(1)
+            metering_logger.warning("store reachable again")
 
     def _store_lost(
         self, queued: list[tuple[CallSession, int, bool]], reports: list[Report]

@@ -87,6 +87,8 @@ class Reclaimed:
     returned_ms: int
     # False for a call that held only a lease: its workspace has no budget.
     budgeted: bool = True
+    # True when an earlier sweep reclaimed it but its settlement never came.
+    again: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +252,9 @@ class Quota:
         )
         return count
 
-    async def reclaim_expired(self, workspace_id: str, now_ms: int) -> list[Reclaimed]:
+    async def reclaim_expired(
+        self, workspace_id: str, now_ms: int, lease_ms: int
+    ) -> list[Reclaimed]:
         """Return the reservations of every call whose lease has expired.
 
         A call without a budget holds a lease and no grant; it is returned too,
@@ -273,7 +277,7 @@ class Quota:
                         keyspace.grant(workspace_id, call_sid),
                         keyspace.call(workspace_id, call_sid),
                     ],
-                    args=[now_ms, call_sid],
+                    args=[now_ms, call_sid, lease_ms],
                 )
                 if account_sid is not None:
                     reclaimed.append(
@@ -293,16 +297,17 @@ class Quota:
                         keyspace.grant(workspace_id, call_sid),
                         keyspace.leases(workspace_id),
                     ],
-                    args=[now_ms, call_sid],
+                    args=[now_ms, call_sid, lease_ms],
                 )
             )
-            if returned >= 0:
+            if returned >= 0 or returned == -2:
                 reclaimed.append(
                     Reclaimed(
                         workspace_id=workspace_id,
                         call_sid=call_sid,
                         account_sid=grant.get("account_sid", ""),
-                        returned_ms=returned,
+                        returned_ms=max(0, returned),
+                        again=returned == -2,
                     )
                 )
         return reclaimed

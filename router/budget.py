@@ -156,21 +156,33 @@ class Sweeper:
         ended = 0
         workspace_ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
         for workspace_id in workspace_ids:
-            for lost in await self._quota.reclaim_expired(workspace_id, now_ms()):
-                if lost.budgeted:
+            lost_calls = await self._quota.reclaim_expired(
+                workspace_id, now_ms(), self._lease_ms
+            )
+            for lost in lost_calls:
+                if lost.budgeted and not lost.again:
                     self._metrics.grants_reclaimed.labels(workspace_id).inc()
                 metering_logger.warning(
-                    "reclaimed %d ms from call %s of a vanished process",
-                    lost.returned_ms,
+                    "%s call %s of a vanished process (%d ms returned)",
+                    "settling again" if lost.again else "reclaimed",
                     lost.call_sid,
+                    lost.returned_ms,
                 )
                 # Settle before hanging up, so the books are closed by the time
-                # anything outside can see the call end.
+                # anything outside can see the call end. The call keeps its
+                # lease until then: if this fails, a later sweep tries again.
                 plan = await self._workspaces.plan(workspace_id)
                 step = INCREMENT_MS[plan.billing_increment] if plan else 0
-                await self._meter.end_call(
-                    workspace_id, lost.call_sid, "owner_lost", billing_step_ms=step
-                )
+                try:
+                    await self._meter.end_call(
+                        workspace_id, lost.call_sid, "owner_lost", billing_step_ms=step
+                    )
+                except redis.RedisError:
+                    metering_logger.warning(
+                        "could not settle call %s; the next sweep will",
+                        lost.call_sid,
+                    )
+                    continue
                 account_sid = lost.account_sid or self._twilio.main_account_sid or ""
                 try:
                     await self._twilio.complete(account_sid, lost.call_sid)

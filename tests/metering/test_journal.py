@@ -38,6 +38,7 @@ def test_journal_keeps_reports_in_order_across_restarts(tmp_path: Path) -> None:
     journal.append([_report(1, 1000, call="1"), _report(1, 2000, call="2")])
     journal.append([_report(2, 2500, "caller_hung_up", call="1")])
     assert journal.depth == 3
+    journal.close()  # as a process's death does
     again = Journal(tmp_path)
     assert again.depth == 3
     # A call's older report is superseded by its later one.
@@ -53,11 +54,13 @@ def test_journal_forgets_only_after_done(tmp_path: Path) -> None:
     journal.append([_report(1, 1000, call="1")])
     assert journal.take() == [_report(1, 1000, call="1")]
     # A crash here: the next process takes the same reports again, plus new ones.
+    journal.close()
     restarted = Journal(tmp_path)
     restarted.append([_report(1, 2000, call="2")])
     assert restarted.take() == [_report(1, 1000, call="1"), _report(1, 2000, call="2")]
     restarted.done()
     assert restarted.depth == 0
+    restarted.close()
     assert Journal(tmp_path).take() == []
 
 
@@ -84,7 +87,40 @@ def test_journal_stays_small_through_a_long_outage(tmp_path: Path) -> None:
     for tick in range(1, 3601):
         journal.append([_report(tick, tick * 1000, call=c) for c in "123"])
         assert journal.depth <= 3 + 1024 + 3
-    assert Journal(tmp_path).depth == journal.depth
+    journal.close()
+    journal = Journal(tmp_path)
+    assert journal.slot == 0
+    assert journal.depth <= 3 + 1024 + 3
     assert journal.take() == [_report(3600, 3_600_000, call=c) for c in "123"]
     journal.done()
     assert journal.depth == 0
+
+
+def test_replays_tried_through_an_outage_keep_what_is_set_aside_small(
+    tmp_path: Path,
+) -> None:
+    """Every tick appends and tries a replay that fails: a line per call stays."""
+    journal = Journal(tmp_path)
+    for tick in range(1, 601):
+        journal.append([_report(tick, tick * 1000, call=c) for c in "123"])
+        assert journal.take() == [_report(tick, tick * 1000, call=c) for c in "123"]
+        assert journal.depth == 3  # the store is still down: no done()
+    lines = (tmp_path / "meter.replaying.jsonl").read_bytes().count(b"\n")
+    assert lines == 3
+
+
+def test_processes_sharing_a_directory_keep_their_own_journals(tmp_path: Path) -> None:
+    """Each live journal holds a slot; a dead one's slot and reports go to the next."""
+    first, second = Journal(tmp_path), Journal(tmp_path)
+    assert (first.slot, second.slot) == (0, 1)
+    first.append([_report(1, 1000, call="1")])
+    second.append([_report(1, 2000, call="2")])
+    assert second.take() == [_report(1, 2000, call="2")]
+    second.done()
+    assert first.depth == 1
+    second.close()  # the second process dies; a third starts in its place
+    third = Journal(tmp_path)
+    assert (third.slot, third.depth, third.take()) == (1, 0, [])
+    first.close()
+    third.close()
+    assert Journal(tmp_path).take() == [_report(1, 1000, call="1")]

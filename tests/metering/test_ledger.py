@@ -144,6 +144,38 @@ async def test_start_counts_a_call_once(
     assert (await ledger.usage(workspace, "2026-12")).calls == 1
 
 
+async def test_a_late_start_does_not_reopen_a_settled_call(
+    store: redis.Redis, ids: tuple[str, str]
+) -> None:
+    """A leg's "in-progress" that arrives after its end report starts nothing."""
+    workspace, agent = ids
+    ledger = Ledger(store)
+    at = 1_796_256_000_000
+    await ledger.open_call(
+        workspace,
+        CALL,
+        agent_id=agent,
+        from_number="+12125550123",
+        to_number=NUMBER,
+        arrived_at_ms=at,
+    )
+    await _report(store, workspace, agent, 0, at + 2000, "upstream_failed")
+    late = await ledger.start_call(
+        workspace,
+        CALL,
+        agent_id=agent,
+        number=NUMBER,
+        stream_sid="",
+        started_at_ms=at + 2500,
+        period=month_of(at),
+        day=day_of(at),
+    )
+    assert late is False
+    record = await ledger.get_call(workspace, CALL)
+    assert (record.status, record.started_at_ms) == ("completed", None)
+    assert (await ledger.usage(workspace, "2026-12")).calls == 0
+
+
 async def test_reports_for_unknown_calls_change_nothing(
     store: redis.Redis, ids: tuple[str, str]
 ) -> None:

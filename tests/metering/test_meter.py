@@ -13,6 +13,7 @@ from pathlib import Path
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry
 
+from metering.journal import Journal
 from metering.ledger import Ledger, month_of
 from metering.meter import CallSession, Meter
 from metering.metrics import Metrics
@@ -213,3 +214,66 @@ async def test_call_ending_during_a_flush_is_still_settled(tmp_path: Path) -> No
         assert record.end_reason == "caller_hung_up"
         assert record.metered_ms == 2500
         assert rig.meter.active == 0
+
+
+async def test_the_store_is_back_once_the_journal_replays(tmp_path: Path) -> None:
+    """With no call left to report, a replay that lands says the store is back."""
+    async with private_store(tmp_path, timeout_secs=1.0) as (server, rig):
+        journal = Journal(tmp_path / "journal")
+        rig.registry = CollectorRegistry()
+        meter = rig.meter = Meter(
+            rig.ledger,
+            Quota(rig.store),
+            Metrics(rig.registry),
+            interval_ms=1000,
+            clock=rig.clock,
+            journal=journal,
+        )
+        session = await rig.begin()
+        rig.clock.advance_ms(2000)
+        await server.stop()
+        await meter.end(session, "caller_hung_up")  # journaled: no call is left
+        assert (meter.store_up, journal.depth) == (False, 1)
+        assert rig.registry.get_sample_value("callgate_store_up") == 0
+
+        await server.start()
+        assert await meter.replay()
+        assert meter.store_up
+        assert rig.registry.get_sample_value("callgate_store_up") == 1
+        assert (await rig.ledger.get_call(rig.workspace, CALL)).metered_ms == 2000
+        await meter.close()
+
+
+async def test_a_call_settled_elsewhere_counts_in_the_day_it_started(
+    store: redis.Redis,
+) -> None:
+    """Settled by a process without its session, a call stays in its plan's day.
+
+    The call started on 3 December in its plan's time zone while it was
+    already 4 December in UTC; its time and cost go to the 3rd.
+    """
+    rig = Rig(store)
+    started_at_ms = now_ms() - 5_000
+    await rig.ledger.open_call(
+        rig.workspace,
+        CALL,
+        agent_id=rig.agent,
+        from_number="+12125550123",
+        to_number=NUMBER,
+        arrived_at_ms=started_at_ms,
+    )
+    await rig.ledger.start_call(
+        rig.workspace,
+        CALL,
+        agent_id=rig.agent,
+        number=NUMBER,
+        stream_sid="",
+        started_at_ms=started_at_ms,
+        period="2026-12",
+        day="2026-12-03",
+    )
+    await rig.meter.end_call(rig.workspace, CALL, "completed")
+    local = await rig.ledger.usage(rig.workspace, "2026-12-03")
+    assert local.ms >= 5_000
+    assert local.cost_micros > 0
+    assert (await rig.ledger.usage(rig.workspace, "2026-12")).ms == local.ms

@@ -42,7 +42,12 @@ async def callgate_on_own_store(
 
 
 def _journal_files(data_dir: Path) -> list[str]:
-    return sorted(path.name for path in (data_dir / "journal").iterdir())
+    """The journal's report files (its slot lock files aside)."""
+    return sorted(
+        path.name
+        for path in (data_dir / "journal").iterdir()
+        if path.suffix == ".jsonl"
+    )
 
 
 async def test_outage_under_continue_loses_nothing_and_replays_once(
