@@ -23,7 +23,7 @@ from typing import Any, Literal
 import redis.asyncio as redis
 
 from metering.journal import Journal
-from metering.ledger import Ledger
+from metering.ledger import CallRecord, Ledger
 from metering.metrics import Metrics
 from metering.plans import Provider, RateCard, call_cost_micros, day_of, period_of
 from metering.quota import Quota, Report, ReportAnswer
@@ -222,6 +222,44 @@ class Meter:
         self._sessions[call_sid] = session
         self._metrics.calls_started.labels(workspace_id).inc()
         self._metrics.calls_active.labels(workspace_id).inc()
+        return session
+
+    def adopt(
+        self,
+        record: CallRecord,
+        *,
+        period: str,
+        day: str,
+        seq: int,
+        held_ms: int,
+        budget: Budget | None = None,
+        on_exhausted: Exhausted | None = None,
+    ) -> CallSession:
+        """Meter here a started call whose process died (see Quota.adopt).
+
+        The clock runs from the call's start by the server clock, so the time
+        since its last report is counted too; reports go on from ``seq`` and
+        the cumulative total the store holds.
+        """
+        assert record.started_at_ms is not None, "only a started call is adopted"
+        elapsed_ms = max(0, now_ms() - record.started_at_ms)
+        session = CallSession(
+            workspace_id=record.workspace_id,
+            call_sid=record.call_sid,
+            agent_id=record.agent_id,
+            number=record.to_number,
+            started_ns=self._clock() - elapsed_ms * 1_000_000,
+            period=period,
+            day=day,
+            budget=budget,
+            on_exhausted=on_exhausted,
+            provider="retell" if record.provider == "retell" else "vapi",
+            reported_ms=record.metered_ms,
+            seq=seq,
+            held_ms=held_ms,
+        )
+        self._sessions[record.call_sid] = session
+        self._metrics.calls_active.labels(record.workspace_id).inc()
         return session
 
     def live(self, provider: Provider | None = None) -> list[CallSession]:

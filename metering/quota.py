@@ -22,7 +22,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from tenancy import keyspace
-from tenancy.replies import Store, text, text_map
+from tenancy.replies import Store, text, text_map, texts
 
 Refusal = Literal["concurrency", "budget"]
 ReportState = Literal["ok", "settled", "reclaimed", "closed"]
@@ -132,6 +132,7 @@ class Quota:
         self._report = _script(store, "report")
         self._reclaim = _script(store, "reclaim")
         self._orphan = store.register_script(_lua("orphan"))
+        self._adopt = store.register_script(_lua("adopt"))
         # Told the workspace's id whenever a script appended budget events.
         self.on_events: Callable[[str], Awaitable[None]] | None = None
 
@@ -251,6 +252,35 @@ class Quota:
             keyspace.leases(workspace_id), f"({now_ms}", "+inf"
         )
         return count
+
+    async def expired_leases(self, workspace_id: str, now_ms: int) -> list[str]:
+        """The calls whose leases have lapsed: their process stopped renewing."""
+        return texts(
+            await self._store.zrangebyscore(
+                keyspace.leases(workspace_id), "-inf", now_ms
+            )
+        )
+
+    async def adopt(
+        self, workspace_id: str, call_sid: str, now_ms: int, lease_ms: int
+    ) -> tuple[int, int] | None:
+        """Take a lapsed call's lease (and grant) to meter it here.
+
+        Returns the grant's last report sequence and held ms ((0, 0) for a
+        call without a budget), or ``None`` if the call is not to be taken:
+        its lease is live, it never started or is over, or it was reclaimed.
+        """
+        taken = await self._adopt(
+            keys=[
+                keyspace.leases(workspace_id),
+                keyspace.grant(workspace_id, call_sid),
+                keyspace.call(workspace_id, call_sid),
+            ],
+            args=[now_ms, call_sid, lease_ms],
+        )
+        if taken is None:
+            return None
+        return int(taken[0]), int(taken[1])
 
     async def reclaim_expired(
         self, workspace_id: str, now_ms: int, lease_ms: int

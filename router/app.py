@@ -141,6 +141,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[stream.TWILIO_API],
         app[webhooks.METRICS],
         lease_ms=settings.lease_ms,
+        adopt=sip.SipAdopter(app).adopt,
     )
     app[budget.SWEEPER] = sweeper
     reconciler = Reconciler(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as redis
@@ -115,8 +115,14 @@ class Sweeper:
         twilio: TwilioApi,
         metrics: Metrics,
         lease_ms: int,
+        adopt: Callable[[str, str], Awaitable[bool]] | None = None,
     ) -> None:
-        """Sweeps every half ``lease_ms``, L in the overrun bound."""
+        """Sweeps every half ``lease_ms``, L in the overrun bound.
+
+        ``adopt`` is offered each lapsed call (workspace id, call sid) first;
+        a call it takes over or settles is not reclaimed.
+        """
+        self._adopt = adopt
         self._store = store
         self._workspaces = workspaces
         self._quota = quota
@@ -156,6 +162,11 @@ class Sweeper:
         ended = 0
         workspace_ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
         for workspace_id in workspace_ids:
+            if self._adopt is not None:
+                for call_sid in await self._quota.expired_leases(
+                    workspace_id, now_ms()
+                ):
+                    await self._adopt(workspace_id, call_sid)
             lost_calls = await self._quota.reclaim_expired(
                 workspace_id, now_ms(), self._lease_ms
             )

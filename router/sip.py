@@ -13,8 +13,8 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from metering.ledger import CallNotFoundError
-from metering.meter import CallSession
-from metering.plans import period_of
+from metering.meter import Budget, CallSession, Exhausted
+from metering.plans import day_of, period_of
 from router import twiml
 from router.budget import budget
 from router.settlement import TERMINAL, settle_sip_call
@@ -34,6 +34,111 @@ from tenancy.logs import router_logger
 from tenancy.problems import problem
 from tenancy.twilio_api import TwilioApiError
 from tenancy.workspaces import now_ms
+
+
+async def _sip_budget(
+    app: web.Application, workspace_id: str, call_sid: str, account_sid: str
+) -> tuple[Budget | None, Exhausted | None]:
+    """A SIP call's budget under its workspace's plan, and how it is cut off."""
+    plan = await app[api.WORKSPACES].plan(workspace_id)
+    if plan is None:
+        return None, None
+    period = await app[api.LEDGER].grant_period(workspace_id, call_sid)
+    policy = (await app[api.WORKSPACES].get(workspace_id)).policy
+    call_budget = budget(
+        plan,
+        policy,
+        period or period_of(now_ms(), plan.timezone).label,
+        app[SETTINGS],
+    )
+    api_client = app[TWILIO_API]
+
+    async def time_up(session: CallSession) -> None:
+        # The SIP leg carries no media through Callgate: end it by
+        # redirecting the parent call to the plan's goodbye.
+        try:
+            await api_client.redirect(account_sid, call_sid, twiml.time_up(plan))
+        except TwilioApiError:
+            router_logger.warning("could not cut off call %s", call_sid)
+
+    return call_budget, time_up
+
+
+class SipAdopter:
+    """Carries on metering the SIP calls of a process that died.
+
+    A Retell call's audio never passes through Callgate, so the death of the
+    process metering it does not end it: when its lease lapses, the sweeper
+    asks this adopter first. A leg Twilio says is over is settled at its
+    length; a live one is taken over, lease, grant and all, and metered here
+    from its start, so a deploy neither drops the call nor loses its time.
+    """
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    async def adopt(self, workspace_id: str, call_sid: str) -> bool:
+        """Take or settle the lapsed call; False to leave it to the sweeper."""
+        app = self._app
+        try:
+            record = await app[api.LEDGER].get_call(workspace_id, call_sid)
+        except CallNotFoundError:
+            return False
+        if (
+            record.provider != "retell"
+            or record.account_sid is None
+            or record.started_at_ms is None
+            or record.ended_at_ms is not None
+        ):
+            return False
+        try:
+            found = await app[TWILIO_API].fetch_call(
+                record.account_sid, record.sip_call_sid or call_sid
+            )
+        except TwilioApiError as exc:
+            router_logger.warning("cannot look call %s up: %s", call_sid, exc)
+            return False
+        if found is None:
+            return False
+        status, duration_secs = found
+        meter = app[METER]
+        if status in TERMINAL:
+            await settle_sip_call(
+                meter,
+                app[api.WORKSPACES],
+                record,
+                status,
+                "api",
+                metered_ms=None if duration_secs is None else duration_secs * 1000,
+            )
+            return True
+        settings = app[SETTINGS]
+        taken = await app[api.QUOTA].adopt(
+            workspace_id, call_sid, now_ms(), settings.lease_ms
+        )
+        if taken is None:
+            return False
+        seq, held_ms = taken
+        call_budget, time_up = await _sip_budget(
+            app, workspace_id, call_sid, record.account_sid
+        )
+        counted = await app[api.LEDGER].counted_in(workspace_id, call_sid)
+        if counted is None:  # started before records kept where they count
+            started = record.started_at_ms
+            counted = (period_of(started, "UTC").label, day_of(started, "UTC"))
+        period, day = counted
+        session = meter.adopt(
+            record,
+            period=call_budget.period if call_budget else period,
+            day=day,
+            seq=seq,
+            held_ms=held_ms,
+            budget=call_budget,
+            on_exhausted=time_up,
+        )
+        router_logger.warning("took over call %s of a vanished process", call_sid)
+        await meter.flush([session])
+        return True
 
 
 async def sip_status(request: web.Request) -> web.Response:
@@ -57,31 +162,9 @@ async def sip_status(request: web.Request) -> web.Response:
     try:
         record = await ledger.get_call(workspace_id, call_sid)
         if status == "in-progress" and app[METER].session(call_sid) is None:
-            plan = await app[api.WORKSPACES].plan(workspace_id)
-            call_budget = None
-            if plan is not None:
-                period = await ledger.grant_period(workspace_id, call_sid)
-                policy = (await app[api.WORKSPACES].get(workspace_id)).policy
-                call_budget = budget(
-                    plan,
-                    policy,
-                    period or period_of(now_ms(), plan.timezone).label,
-                    app[SETTINGS],
-                )
-            account_sid = field(form, "AccountSid")
-            api_client = app[TWILIO_API]
-
-            async def time_up(session: CallSession) -> None:
-                # The SIP leg carries no media through Callgate: end it by
-                # redirecting the parent call to the plan's goodbye.
-                assert plan is not None
-                try:
-                    await api_client.redirect(
-                        account_sid, call_sid, twiml.time_up(plan)
-                    )
-                except TwilioApiError:
-                    router_logger.warning("could not cut off call %s", call_sid)
-
+            call_budget, time_up = await _sip_budget(
+                app, workspace_id, call_sid, field(form, "AccountSid")
+            )
             await app[METER].begin(
                 workspace_id,
                 call_sid,

@@ -175,13 +175,14 @@ class CallgateProcess:
     twilio: TwilioSimulator
     twilio_rest: FakeTwilioRest
     vapi: FakeVapi
+    retell: FakeRetell
 
-    async def tenant(self, name: str, number: str) -> str:
-        """Create a workspace with a Vapi agent and ``number``; return its id."""
+    async def tenant(self, name: str, number: str, provider: str = "vapi") -> str:
+        """Create a workspace with an agent and ``number``; return its id."""
         headers = {"Authorization": f"Bearer {OPERATOR_KEY}"}
         api = f"{self.base_url}/api/v1"
-        vapi_key = f"vapi-key-{name}"
-        self.vapi.add_key(vapi_key)
+        api_key = f"{provider}-key-{name}"
+        (self.retell if provider == "retell" else self.vapi).add_key(api_key)
         async with self.http.post(
             f"{api}/workspaces", json={"name": name}, headers=headers
         ) as response:
@@ -190,9 +191,9 @@ class CallgateProcess:
             f"{api}/workspaces/{workspace['id']}/agents",
             json={
                 "name": name,
-                "provider": "vapi",
+                "provider": provider,
                 "assistant_id": f"assistant-{name}",
-                "api_key": vapi_key,
+                "api_key": api_key,
             },
             headers=headers,
         ) as response:
@@ -355,6 +356,7 @@ async def callgate_process(
                 twilio=twilio,
                 twilio_rest=peers.twilio_rest,
                 vapi=peers.vapi,
+                retell=peers.retell,
             )
         finally:
             await twilio.close()

@@ -140,3 +140,71 @@ async def test_killed_process_calls_without_a_budget_are_settled_and_ended(
         usage = await survivor.usage(workspace_id)
         assert usage["ms"] == sum(record["metered_ms"] for record in records)
         assert usage["statement"] is None
+
+
+@pytest.mark.usefixtures("store")  # an empty store: the number is free
+async def test_a_sip_call_outlives_its_process_and_is_metered_to_its_end(
+    valkey_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL mid Retell call: the call goes on, another process meters it.
+
+    Its audio never passed through the dead process, so nothing hangs it up:
+    the survivor takes its lease and grant over when they lapse, and, with
+    every report of the leg's end sent to the dead process and lost, finds
+    the leg over through Twilio's REST API and settles it at its length.
+    """
+    env = {
+        "CALLGATE_REDIS_URL": valkey_url,
+        "CALLGATE_FLUSH_INTERVAL_MS": str(TICK_MS),
+        "CALLGATE_GRANT_MS": "1000",
+        "CALLGATE_LEASE_MS": str(LEASE_MS),
+        "CALLGATE_SIP_CHECK_SECS": "1",
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        peers = await stack.enter_async_context(running_peers())
+        doomed = await stack.enter_async_context(
+            callgate_process(tmp_path / "doomed", peers, **env)
+        )
+        survivor = await stack.enter_async_context(
+            callgate_process(tmp_path / "survivor", peers, **env)
+        )
+        workspace_id = await survivor.tenant("alpha", NUMBER, provider="retell")
+        await survivor.put_plan(workspace_id, {"included_minutes": 60})
+        call = await doomed.twilio.place_call(NUMBER, "+14155550199")
+        peers.twilio_rest.register_call(call)
+        await peers.retell.wait_for_registration(timeout_secs=5)
+        leg = call.dial_leg
+        await leg.ring()
+        await leg.answer()
+        loop = asyncio.get_running_loop()
+        answered = loop.time()
+        doomed.process.send_signal(signal.SIGKILL)
+
+        # Metered on past the lapse of the dead process's lease.
+        deadline = loop.time() + 10
+        while True:
+            record = await survivor.call_record(workspace_id, call.sid)
+            if record["metered_ms"] > LEASE_MS * 2:
+                break
+            assert loop.time() < deadline, record
+            await asyncio.sleep(0.2)
+        assert record["ended_at"] is None
+        assert leg.live
+
+        await leg.hang_up(by="callee")
+        deadline = loop.time() + 10
+        while (record := await survivor.call_record(workspace_id, call.sid))[
+            "ended_at"
+        ] is None:
+            assert loop.time() < deadline, record
+            await asyncio.sleep(0.2)
+        assert record["end_reason"] == "completed"
+        # Twilio's whole seconds, or the time up to the look if that was less.
+        assert (leg.duration_secs - 1) * 1000 <= record["metered_ms"]
+        assert record["metered_ms"] <= leg.duration_secs * 1000
+        assert leg.duration_secs >= int(loop.time() - answered) - 1
+        usage = await survivor.usage(workspace_id)
+        assert usage["ms"] == record["metered_ms"]
+        assert usage["statement"]["billed_ms"] >= record["metered_ms"]
+        hang_ups = [r for r in peers.twilio_rest.requests if _hang_ups({call.sid})(r)]
+        assert hang_ups == []
