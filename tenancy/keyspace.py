@@ -12,15 +12,17 @@ Global keys, the only ones outside a workspace:
     hash from an E.164 number to the id of the one workspace that owns it.
 ``cg:twilio_accounts``
     hash from a Twilio subaccount sid to the workspace it was made for.
-``cg:offboardings``
+``cg:{offboarding}:states``
     hash from a workspace id to the JSON state of its offboarding, which must
     outlive the workspace it deletes.
+``cg:{offboarding}:leases``
+    hash from a workspace id to ``<process token>:<expiry ms>``: the one
+    process running its offboarding now. It shares the hash tag
+    ``{offboarding}`` with the states, so one script can check a lease and
+    save a state on a Redis Cluster too.
 ``cg:certificates``
     hash from a deleted workspace's id to its deletion certificate (counts,
     times and the export's hash; no personal data).
-``cg:offboarding_leases``
-    hash from a workspace id to ``<process token>:<expiry ms>``: the one
-    process running its offboarding now.
 ``cg:webhook``
     hash: the operator's budget webhook for every workspace (URL, sealed
     signing secret, registration time).
@@ -44,9 +46,10 @@ PREFIX = "cg"
 WORKSPACES = f"{PREFIX}:workspaces"
 NUMBERS = f"{PREFIX}:numbers"
 TWILIO_ACCOUNTS = f"{PREFIX}:twilio_accounts"
-OFFBOARDINGS = f"{PREFIX}:offboardings"
+# The offboarding keys a script touches together share one cluster slot.
+OFFBOARDINGS = f"{PREFIX}:{{offboarding}}:states"
+OFFBOARDING_LEASES = f"{PREFIX}:{{offboarding}}:leases"
 CERTIFICATES = f"{PREFIX}:certificates"
-OFFBOARDING_LEASES = f"{PREFIX}:offboarding_leases"
 WEBHOOK = f"{PREFIX}:webhook"
 WEBHOOKS_DUE = f"{PREFIX}:webhooks_due"
 GLOBAL_KEYS = frozenset(

@@ -39,7 +39,7 @@ from tenancy.errors import (
     TwilioActionError,
 )
 from tenancy.keys import ApiKey
-from tenancy.offboarding import Offboarding
+from tenancy.offboarding import Offboarding, check_targets
 from tenancy.schemas import (
     AgentOut,
     AuditList,
@@ -500,7 +500,9 @@ class BeginOffboarding(Body):
 
 
 def _outcome(outcome: dict[str, Any]) -> dict[str, Any]:
-    shown = {k: v for k, v in outcome.items() if k != "expired_at_ms"}
+    # "releasing" is the run's own note of an intent, not part of the answer.
+    hidden = ("expired_at_ms", "releasing")
+    shown = {k: v for k, v in outcome.items() if k not in hidden}
     if "expired_at_ms" in outcome:
         shown["expired_at"] = iso(outcome["expired_at_ms"])
     return shown
@@ -535,7 +537,9 @@ async def begin_offboarding(request: web.Request) -> web.Response:
 
     Resuming a failed or paused offboarding may change where it pauses next
     and what happens to the numbers it has not handled yet; anything already
-    done stays done.
+    done stays done, and asking to change a number Twilio has already acted
+    on is refused (409). A transfer to the workspace's own subaccount, which
+    offboarding closes, is refused (422).
     """
     offboarding = request.app[OFFBOARDING]
     workspace_id = request.match_info["workspace_id"]
@@ -558,6 +562,7 @@ async def begin_offboarding(request: web.Request) -> web.Response:
         for e164 in body.numbers:
             if e164 not in owned:
                 raise InvalidInputError(f"{e164} is not a number of this workspace")
+        check_targets(wishes, workspace.twilio_account_sid)
         await audit(request, workspace.id, "workspace.offboard", workspace.id)
         state = await offboarding.begin(
             workspace.id, wishes, body.grace_secs, body.pause_after

@@ -16,8 +16,12 @@ deleted on the way):
 6. certificate: counts, times and the export's hash; no personal data.
 
 Running it again after any interruption resumes at the first unfinished step.
-One process runs it at a time, under a lease in ``cg:offboarding_leases``;
+One process runs it at a time, under a lease in ``cg:{offboarding}:leases``
+(in the states' hash slot, so the fenced save works on a Redis Cluster);
 every process looks every half lease for offboardings whose runner died.
+Such a look carries on only a run still ``running`` once it holds the lease:
+a paused or failed run waits for the operator, whose resume (``amend``) is
+the one thing that sets it running again.
 A number operation records its intent before Twilio is asked, and a resumed
 run checks Twilio's state with a read before acting, so no irreversible
 operation is sent twice.
@@ -56,7 +60,14 @@ from tenancy.api import (
     workspace_document,
 )
 from tenancy.audit import Audit
-from tenancy.errors import StoreError, UnknownNumberError, WorkspaceNotFoundError
+from tenancy.errors import (
+    ConflictError,
+    InvalidInputError,
+    StoreError,
+    TwilioActionError,
+    UnknownNumberError,
+    WorkspaceNotFoundError,
+)
 from tenancy.keys import Keys
 from tenancy.logs import tenancy_logger
 from tenancy.numbers import Numbers
@@ -106,6 +117,7 @@ class Offboarding:
         self._take_lease = store.register_script(_TAKE_LEASE)
         self._drop_lease = store.register_script(_DROP_LEASE)
         self._save_fenced = store.register_script(_SAVE_FENCED)
+        self._replace = store.register_script(_REPLACE)
         self._watcher: asyncio.Task[None] | None = None
         # Offboardings this process runs under its lease: their saves are fenced.
         self._leased: set[str] = set()
@@ -123,6 +135,13 @@ class Offboarding:
         for workspace_id, running in list(self._tasks.items()):
             if running is task:
                 del self._tasks[workspace_id]
+                if not task.cancelled() and task.exception() is not None:
+                    # The type only: a message could quote a credential.
+                    tenancy_logger.error(
+                        "offboarding %s stopped on %s; the watcher retries it",
+                        workspace_id,
+                        type(task.exception()).__name__,
+                    )
 
     async def wait(self, workspace_id: str) -> None:
         """Wait for this process's run of an offboarding, if there is one."""
@@ -131,7 +150,12 @@ class Offboarding:
             await asyncio.shield(task)
 
     async def resume_interrupted(self) -> list[str]:
-        """Restart every offboarding a stopped process left running."""
+        """Restart every offboarding a stopped process left running.
+
+        The state read here may be stale by the time the run holds the lease
+        (its runner may have paused it meanwhile): the run reads it again
+        under the lease and goes on only if it is still ``running``.
+        """
         resumed = []
         for workspace_id, raw in text_map(
             await self._store.hgetall(keyspace.OFFBOARDINGS)
@@ -150,21 +174,37 @@ class Offboarding:
         if self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(), name="offboardings")
 
+    @property
+    def watching(self) -> bool:
+        """Whether this process's watcher is running."""
+        return self._watcher is not None and not self._watcher.done()
+
     async def _watch(self) -> None:
+        # Nothing but a cancellation ends this loop: without it this process
+        # would never again resume a run, prune an export or release a number.
         next_prune = 0.0
         while True:
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + _PRUNE_EVERY_SECS
-                self.prune_exports(now_ms())
                 try:
+                    self.prune_exports(now_ms())
                     await self.release_kept(now_ms())
-                except (TwilioApiError, StoreError, redis.RedisError):
+                except (StoreError, redis.RedisError):
                     tenancy_logger.warning("could not release kept numbers; later")
+                except Exception as exc:  # noqa: BLE001 (the watcher must go on)
+                    tenancy_logger.error(
+                        "offboarding watcher failed on %s; it goes on",
+                        type(exc).__name__,
+                    )
             await asyncio.sleep(self._lease_ms / 2000)
             try:
                 await self.resume_interrupted()
             except (StoreError, redis.RedisError):
                 tenancy_logger.warning("could not look for interrupted offboardings")
+            except Exception as exc:  # noqa: BLE001 (the watcher must go on)
+                tenancy_logger.error(
+                    "offboarding watcher failed on %s; it goes on", type(exc).__name__
+                )
 
     async def release_kept(self, at_ms: int) -> list[str]:
         """Release kept numbers whose port-out date is past; return which.
@@ -174,32 +214,75 @@ class Offboarding:
         released, so it stops costing its monthly fee, and when no kept number
         is left the subaccount Callgate made is closed and the certificate
         says so. Numbers gone by then were ported; that is recorded too.
+
+        Each offboarding is handled on its own, oldest first, under its lease
+        (renewed meanwhile): one that fails, Twilio refusing or its lease
+        taken, is logged and left for the next look, and the others go on.
         """
         today = datetime.fromtimestamp(at_ms / 1000, UTC).date().isoformat()
         released: list[str] = []
-        states = text_map(await self._store.hgetall(keyspace.OFFBOARDINGS))
-        for workspace_id, raw in states.items():
-            state = orjson.loads(raw)
+        states = [
+            orjson.loads(raw)
+            for raw in text_map(
+                await self._store.hgetall(keyspace.OFFBOARDINGS)
+            ).values()
+        ]
+        states.sort(key=lambda state: (state["started_at_ms"], state["workspace_id"]))
+        for state in states:
             if state.get("status") != "done" or not _due(state, today):
                 continue
-            # Under the offboarding's lease, so two processes never both act.
-            if not await self._lease(workspace_id):
-                continue
-            self._leased.add(workspace_id)
+            workspace_id = state["workspace_id"]
             try:
-                state = await self.state(workspace_id) or state
-                released += await self._release_due(workspace_id, state, today)
-            finally:
-                self._leased.discard(workspace_id)
-                await self._drop_lease(
-                    keys=[keyspace.OFFBOARDING_LEASES], args=[workspace_id, self._token]
+                await self._release_leased(workspace_id, today, released)
+            except LeaseLostError:
+                tenancy_logger.warning(
+                    "offboarding %s was taken over while releasing kept numbers",
+                    workspace_id,
+                )
+            except Exception as exc:  # noqa: BLE001 (one workspace's error stays its own)
+                # The type only: a message could quote a credential.
+                tenancy_logger.warning(
+                    "offboarding %s: could not release kept numbers (%s); later",
+                    workspace_id,
+                    type(exc).__name__,
                 )
         return released
 
+    async def _release_leased(
+        self, workspace_id: str, today: str, released: list[str]
+    ) -> None:
+        """Release one offboarding's due numbers under its lease, if it is free."""
+        # Under the offboarding's lease, so two processes never both act.
+        if not await self._lease(workspace_id):
+            return
+        keeper = asyncio.create_task(self._keep_lease(workspace_id, None))
+        self._leased.add(workspace_id)
+        try:
+            # Read again under the lease: another process may have done it.
+            state = await self.state(workspace_id)
+            if state is not None and state["status"] == "done":
+                await self._release_due(workspace_id, state, today, released)
+        finally:
+            self._leased.discard(workspace_id)
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            try:
+                await self._drop_lease(
+                    keys=[keyspace.OFFBOARDING_LEASES], args=[workspace_id, self._token]
+                )
+            except (StoreError, redis.RedisError):
+                tenancy_logger.warning("could not give back an offboarding lease")
+
     async def _release_due(
-        self, workspace_id: str, state: dict[str, Any], today: str
-    ) -> list[str]:
-        released = []
+        self, workspace_id: str, state: dict[str, Any], today: str, released: list[str]
+    ) -> None:
+        """Release the due numbers of one offboarding, adding each to ``released``.
+
+        Every save is fenced by the lease, and the intent to release is saved
+        before Twilio is asked: after a crash, a number gone from its account
+        is known to be our release, not a port-out.
+        """
+        count = len(released)
         accounts: dict[str, str | None] = state.get("kept_accounts", {})
         for e164, outcome in state["numbers"].items():
             if not _kept_past(outcome, today):
@@ -209,9 +292,16 @@ class Offboarding:
             if account:
                 number_sid = await self._twilio.find_number(account, e164)
             if account and number_sid is not None:
+                outcome["releasing"] = True
+                await self._save(state)
                 await self._twilio.release_number(account, number_sid)
                 released.append(e164)
-            outcome["expired"] = "released" if number_sid is not None else "ported"
+                expired = "released"
+            else:
+                # Gone from its account: our own release if we meant it.
+                expired = "released" if outcome.get("releasing") else "ported"
+            outcome.pop("releasing", None)
+            outcome["expired"] = expired
             outcome["expired_at_ms"] = now_ms()
             await self._save(state)
         subaccount = state["subaccount"]
@@ -232,9 +322,8 @@ class Offboarding:
         tenancy_logger.info(
             "offboarding %s: released %d kept number(s) past their date",
             workspace_id,
-            len(released),
+            len(released) - count,
         )
-        return released
 
     def prune_exports(self, at_ms: int) -> list[str]:
         """Delete the export archives older than the retention; return whose."""
@@ -321,6 +410,7 @@ class Offboarding:
         if existing is not None:
             return existing
         workspace = await self._workspaces.get(workspace_id)
+        check_targets(numbers, workspace.twilio_account_sid)
         state: dict[str, Any] = {
             "workspace_id": workspace_id,
             "status": "running",
@@ -341,18 +431,78 @@ class Offboarding:
         numbers: dict[str, dict[str, str]],
         pause_after: str | None,
     ) -> dict[str, Any]:
-        """Before a resume: set the next pause and the unhandled numbers' fate."""
-        state = await self.state(workspace_id)
-        if state is None:
-            raise WorkspaceNotFoundError(workspace_id)
-        state["pause_after"] = pause_after
-        for e164, wish in numbers.items():
-            outcome = state["numbers"].get(e164)
-            if outcome is None or outcome["status"] != "done":
+        """An operator's resume of a paused or failed run; returns its state.
+
+        Sets the next pause and the fate of numbers not handled yet, and marks
+        the run ``running`` again: nothing else turns a stopped run back on.
+        The state is written only if it is still the one read, so a resume
+        that raced another's (or a run's save) reads again rather than
+        overwrite it. A number whose Twilio operation already happened keeps
+        its recorded fate; asking another for it is refused.
+        """
+        for _ in range(_AMEND_TRIES):
+            raw = text_or_none(
+                await self._store.hget(keyspace.OFFBOARDINGS, workspace_id)
+            )
+            if raw is None:
+                raise WorkspaceNotFoundError(workspace_id)
+            state: dict[str, Any] = orjson.loads(raw)
+            if state["status"] not in ("paused", "failed"):
+                return state  # resumed by someone else meanwhile, or done
+            check_targets(numbers, state["subaccount"])
+            changed = {
+                e164: wish
+                for e164, wish in numbers.items()
+                if wish != state["requested_numbers"].get(e164, _DEFAULT_WISH)
+            }
+            for e164 in changed:
+                if await self._handled(workspace_id, state, e164):
+                    action = state["numbers"][e164]["action"]
+                    raise ConflictError(
+                        f"{e164}: its {action} has already happened and cannot change"
+                    )
+            for e164, wish in changed.items():
                 state["requested_numbers"][e164] = wish
                 state["numbers"].pop(e164, None)
-        await self._save(state)
-        return state
+                state.get("kept_accounts", {}).pop(e164, None)
+            state["pause_after"] = pause_after
+            state["status"] = "running"
+            state.pop("error", None)
+            if await self._replace(
+                keys=[keyspace.OFFBOARDINGS],
+                args=[workspace_id, raw, orjson.dumps(state)],
+            ):
+                return state
+        raise ConflictError("the offboarding kept changing meanwhile; try again")
+
+    async def _handled(
+        self, workspace_id: str, state: dict[str, Any], e164: str
+    ) -> bool:
+        """Whether the number's recorded fate is final: Twilio has acted on it.
+
+        A pending outcome is an intent saved before Twilio was asked, so
+        Twilio is asked: a number still in its account was not acted on.
+        """
+        outcome = state["numbers"].get(e164)
+        if outcome is None:
+            return False
+        if outcome["status"] == "done":
+            return True
+        accounts = {
+            number.e164: number.twilio_account_sid
+            for number in await self._number_book.of_workspace(workspace_id)
+        }
+        if e164 not in accounts:
+            return True  # detached, which follows the Twilio operation
+        account = accounts[e164]
+        if outcome["action"] == "keep" or account is None:
+            return False  # nothing is asked of Twilio for these
+        try:
+            return await self._twilio.find_number(account, e164) is None
+        except TwilioApiError as exc:
+            raise TwilioActionError(
+                f"could not ask Twilio about {e164}: {exc}"
+            ) from exc
 
     async def run(self, workspace_id: str) -> dict[str, Any]:
         """Run every unfinished step; on failure the state says where it stopped.
@@ -360,7 +510,9 @@ class Offboarding:
         Only the process holding the offboarding's lease runs it; another
         returns the state as it stands. The lease is renewed while the run
         goes on and given back when it ends, and every save of the run is
-        refused once the lease is someone else's.
+        refused once the lease is someone else's. A state not ``running``
+        under the lease (paused, failed or done) is returned as it is: a
+        stopped run goes on only after ``amend``.
         """
         if not await self._lease(workspace_id):
             tenancy_logger.info("offboarding %s runs in another process", workspace_id)
@@ -392,14 +544,14 @@ class Offboarding:
                 tenancy_logger.warning("could not give back an offboarding lease")
 
     async def _run_steps(self, workspace_id: str) -> dict[str, Any]:
-        # Read under the lease: another process may have moved it on.
+        # Read under the lease: another process may have moved it on, and a
+        # run paused or failed since whoever started this looked stays so
+        # until an operator resumes it (amend).
         state = await self.state(workspace_id)
         if state is None:
             raise WorkspaceNotFoundError(workspace_id)
-        if state["status"] == "done":
+        if state["status"] != "running":
             return state
-        state["status"] = "running"
-        state.pop("error", None)
         for step in STEPS:
             if state["steps"].get(step) == "done":
                 continue
@@ -683,6 +835,26 @@ def _due(state: dict[str, Any], today: str) -> bool:
     return any(_kept_past(o, today) for o in state["numbers"].values())
 
 
+# What happens to a number the operator did not name.
+_DEFAULT_WISH = {"action": "release"}
+# How often a resume reads the state again when it changed under it.
+_AMEND_TRIES = 3
+
+
+def check_targets(numbers: dict[str, dict[str, str]], subaccount: str | None) -> None:
+    """Refuse a transfer to the workspace's own subaccount.
+
+    Offboarding closes that subaccount, and Twilio releases every number
+    still in it: the number would be lost, not handed over.
+    """
+    for e164, wish in numbers.items():
+        if subaccount is not None and wish.get("to_account_sid") == subaccount:
+            raise InvalidInputError(
+                f"{e164}: to_account_sid is the workspace's own subaccount, which "
+                "is closed with it; name the client's account"
+            )
+
+
 class LeaseLostError(Exception):
     """This process's lease on an offboarding passed to another process."""
 
@@ -722,6 +894,16 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[4] == '1' then
   redis.call('HDEL', KEYS[2], ARGV[1])
 end
+return 1
+"""
+# KEYS[1] the offboardings hash; ARGV[1] workspace id, ARGV[2] the state as
+# it was read, ARGV[3] the new state. Writes only over the state read;
+# returns 1, or 0 if it changed meanwhile.
+_REPLACE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
 

@@ -11,12 +11,15 @@ import os
 import signal
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
+from router import stream
 from tenancy import keyspace, manage
 from tenancy.workspaces import now_ms
 from tests.harness import (
@@ -24,6 +27,7 @@ from tests.harness import (
     CallgateProcess,
     Harness,
     callgate_process,
+    running_callgate,
     running_peers,
 )
 from tests.peers.audio import split_frames, tone_mulaw
@@ -31,6 +35,7 @@ from tests.peers.twilio import FakeTwilioRest
 
 NUMBER_A = "+15005550001"
 NUMBER_B = "+15005550002"
+NUMBER_C = "+15005550003"
 CALLER = "+14155550123"
 # A sid no account of this family has: Twilio refuses to transfer to it.
 STRANGER = "AC" + "0" * 32
@@ -244,7 +249,19 @@ async def test_offboarding_removes_a_workspace_while_another_keeps_calling(
 async def _state_when(
     store: redis.Redis, workspace_id: str, statuses: set[str]
 ) -> dict[str, Any]:
-    """The offboarding's state once its status is one of ``statuses``.
+    """The offboarding's state once its status is one of ``statuses``."""
+    return await _state_where(
+        store, workspace_id, lambda state: state["status"] in statuses
+    )
+
+
+async def _state_where(
+    store: redis.Redis,
+    workspace_id: str,
+    holds: Callable[[dict[str, Any]], bool],
+    timeout_secs: float = 30,
+) -> dict[str, Any]:
+    """The offboarding's state once ``holds`` is true of it.
 
     Woken by the store's keyspace notifications on the offboardings hash.
     """
@@ -252,12 +269,12 @@ async def _state_when(
     pubsub = store.pubsub()
     await pubsub.subscribe(f"__keyspace@0__:{keyspace.OFFBOARDINGS}")
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(timeout_secs):
             while True:
                 raw = await store.hget(keyspace.OFFBOARDINGS, workspace_id)
                 if raw is not None:
                     state: dict[str, Any] = orjson.loads(raw)
-                    if state["status"] in statuses:
+                    if holds(state):
                         return state
                 await pubsub.get_message(timeout=1.0)
     finally:
@@ -510,3 +527,231 @@ async def test_kept_numbers_are_released_once_their_port_out_date_passes(
     asked = len(callgate.twilio_rest.requests)
     assert await offboarding.release_kept(_utc_ms("2027-03-01T00:00:00+00:00")) == []
     assert len(callgate.twilio_rest.requests) == asked
+
+
+async def test_an_offboarding_runs_to_its_certificate_on_a_cluster(
+    cluster_store: RedisCluster, redis_cluster: str, tmp_path: Path
+) -> None:
+    """Every script of a run keeps to one slot, so a cluster runs it to the end."""
+    state_slot = cluster_store.keyslot(keyspace.OFFBOARDINGS)
+    assert cluster_store.keyslot(keyspace.OFFBOARDING_LEASES) == state_slot
+    async with running_callgate(
+        redis_cluster, tmp_path, CALLGATE_REDIS_CLUSTER="true"
+    ) as callgate:
+        alpha = await callgate.tenant("alpha", NUMBER_A)
+        bought = await _buy(callgate, alpha.workspace_id, alpha.agent_id)
+        status, _ = await callgate.api(
+            "POST", f"/workspaces/{alpha.workspace_id}/offboarding", {"grace_secs": 0}
+        )
+        assert status == 202
+        async with asyncio.timeout(10):
+            await callgate.app[manage.OFFBOARDING].wait(alpha.workspace_id)
+        base = f"/workspaces/{alpha.workspace_id}/offboarding"
+        status, state = await callgate.api("GET", base)
+        assert (status, state["status"]) == (200, "done"), state
+        status, certificate = await callgate.api("GET", f"{base}/certificate")
+        assert status == 200
+        assert certificate["export_sha256"] == state["export"]["sha256"]
+        assert certificate["numbers"] == {"release": 2}
+        assert certificate["subaccount_closed"] is True
+        assert callgate.twilio_rest.owner_of(bought) is None
+        # The run gave its lease back, and left nothing of the workspace behind.
+        assert await cluster_store.hlen(keyspace.OFFBOARDING_LEASES) == 0
+        pattern = keyspace.workspace_pattern(alpha.workspace_id)
+        assert [k async for k in cluster_store.scan_iter(match=pattern)] == []
+
+
+async def test_a_late_look_by_the_watcher_leaves_a_stopped_run_stopped(
+    callgate: Harness, store: redis.Redis
+) -> None:
+    """Paused or failed, a run goes on only when the operator resumes it."""
+    alpha = await callgate.tenant("alpha", NUMBER_A)
+    _, workspace = await callgate.api("GET", f"/workspaces/{alpha.workspace_id}")
+    subaccount = workspace["twilio_account_sid"]
+    bought = await _buy(callgate, alpha.workspace_id, alpha.agent_id)
+    offboarding = callgate.app[manage.OFFBOARDING]
+    paused = await _offboard(
+        callgate, alpha.workspace_id, {"grace_secs": 0, "pause_after": "export"}
+    )
+    assert paused["status"] == "paused", paused
+    sent = len(callgate.twilio_rest.requests)
+
+    # The watcher read "running" just before the pause and holds the lease
+    # now: what it starts must leave the pause to the operator.
+    late = await offboarding.run(alpha.workspace_id)
+    assert late["status"] == "paused", late
+    assert list(late["steps"]) == ["suspend", "export"]
+    assert await offboarding.resume_interrupted() == []
+    assert callgate.twilio_rest.owner_of(bought) == subaccount
+    assert len(callgate.twilio_rest.requests) == sent
+    assert await store.hget(keyspace.OFFBOARDING_LEASES, alpha.workspace_id) is None
+
+    # Resumed, it fails at a transfer Twilio refuses; a late look leaves that too.
+    stranger = {bought: {"action": "transfer", "to_account_sid": STRANGER}}
+    failed = await _offboard(callgate, alpha.workspace_id, {"numbers": stranger})
+    assert failed["status"] == "failed", failed
+    sent = len(callgate.twilio_rest.requests)
+    late = await offboarding.run(alpha.workspace_id)
+    assert (late["status"], late["error"]) == ("failed", failed["error"])
+    assert len(callgate.twilio_rest.requests) == sent
+
+    # The operator's resume, with the number released instead, finishes it.
+    release = {bought: {"action": "release"}}
+    done = await _offboard(callgate, alpha.workspace_id, {"numbers": release})
+    assert done["status"] == "done", done
+    assert callgate.twilio_rest.owner_of(bought) is None
+
+
+async def test_a_resume_may_not_change_a_number_twilio_has_acted_on(
+    callgate: Harness,
+) -> None:
+    """A handled number keeps its fate (409); the own subaccount is no target (422)."""
+    alpha = await callgate.tenant("alpha", NUMBER_A)
+    base = f"/workspaces/{alpha.workspace_id}"
+    _, workspace = await callgate.api("GET", base)
+    subaccount = workspace["twilio_account_sid"]
+    released = await _buy(callgate, alpha.workspace_id, alpha.agent_id)
+    moved = await _buy(callgate, alpha.workspace_id, alpha.agent_id)
+    client = callgate.twilio_rest.create_subaccount(callgate.account, "client")
+
+    def transfer(account: str) -> dict[str, str]:
+        return {"action": "transfer", "to_account_sid": account}
+
+    # Closed with the workspace, its own subaccount would lose the number.
+    status, problem = await callgate.api(
+        "POST", f"{base}/offboarding", {"numbers": {moved: transfer(subaccount)}}
+    )
+    assert (status, problem["type"]) == (422, "urn:callgate:problem:invalid-input")
+    assert moved in problem["detail"]
+    status, _ = await callgate.api("GET", f"{base}/offboarding")
+    assert status == 404
+
+    failed = await _offboard(
+        callgate,
+        alpha.workspace_id,
+        {"grace_secs": 0, "numbers": {moved: transfer(STRANGER)}},
+    )
+    assert failed["status"] == "failed", failed
+    assert failed["numbers"][released]["status"] == "done"
+    assert failed["numbers"][moved]["status"] == "pending"
+    status, problem = await callgate.api(
+        "POST", f"{base}/offboarding", {"numbers": {moved: transfer(subaccount)}}
+    )
+    assert (status, problem["type"]) == (422, "urn:callgate:problem:invalid-input")
+
+    # Released already: the certificate must not say it was transferred.
+    status, problem = await callgate.api(
+        "POST", f"{base}/offboarding", {"numbers": {released: transfer(client.sid)}}
+    )
+    assert (status, problem["type"]) == (409, "urn:callgate:problem:conflict")
+    assert released in problem["detail"]
+    # Pending, but gone from its account: Twilio did act, whatever was saved.
+    callgate.twilio_rest.port_out(moved)
+    status, problem = await callgate.api(
+        "POST", f"{base}/offboarding", {"numbers": {moved: {"action": "release"}}}
+    )
+    assert (status, problem["type"]) == (409, "urn:callgate:problem:conflict")
+    assert moved in problem["detail"]
+    _, state = await callgate.api("GET", f"{base}/offboarding")
+    assert state["status"] == "failed"
+    assert state["numbers"] == failed["numbers"]
+
+    # The same wishes again are no change, so the resume goes ahead.
+    done = await _offboard(
+        callgate,
+        alpha.workspace_id,
+        {"numbers": {released: {"action": "release"}, moved: transfer(STRANGER)}},
+    )
+    assert done["status"] == "done", done
+    _, certificate = await callgate.api("GET", f"{base}/offboarding/certificate")
+    assert certificate["numbers"] == {"release": 2, "transfer": 1}
+
+
+async def test_a_release_cut_short_by_a_crash_is_recorded_as_released(
+    callgate: Harness, store: redis.Redis
+) -> None:
+    """The intent saved before Twilio is asked tells our release from a port-out."""
+    alpha = await callgate.tenant("alpha", NUMBER_A)
+    _, workspace = await callgate.api("GET", f"/workspaces/{alpha.workspace_id}")
+    subaccount = workspace["twilio_account_sid"]
+    kept = await _buy(callgate, alpha.workspace_id, alpha.agent_id)
+    keep = {"action": "keep", "until": "2027-01-31"}
+    state = await _offboard(
+        callgate, alpha.workspace_id, {"grace_secs": 0, "numbers": {kept: keep}}
+    )
+    assert state["status"] == "done", state
+
+    # A process saved its intent, released the number and died before it
+    # could record the release.
+    raw = await store.hget(keyspace.OFFBOARDINGS, alpha.workspace_id)
+    assert raw is not None
+    stored = orjson.loads(raw)
+    stored["numbers"][kept]["releasing"] = True
+    await store.hset(keyspace.OFFBOARDINGS, alpha.workspace_id, orjson.dumps(stored))
+    twilio = callgate.app[stream.TWILIO_API]
+    number_sid = await twilio.find_number(subaccount, kept)
+    assert number_sid is not None
+    await twilio.release_number(subaccount, number_sid)
+
+    offboarding = callgate.app[manage.OFFBOARDING]
+    assert await offboarding.release_kept(_utc_ms("2027-02-01T00:00:00+00:00")) == []
+    _, state = await callgate.api(
+        "GET", f"/workspaces/{alpha.workspace_id}/offboarding"
+    )
+    assert state["numbers"][kept]["expired"] == "released"
+    assert "releasing" not in state["numbers"][kept]
+    assert callgate.twilio_rest.account_status(subaccount) == "closed"
+
+
+async def test_the_watcher_serves_the_next_workspace_when_one_fails(
+    callgate: Harness, store: redis.Redis
+) -> None:
+    """Twilio refusing one workspace's kept number stops neither the watcher
+    nor the release of another workspace's number."""
+    keep = {"action": "keep", "until": "2020-01-31"}  # long past
+    # Alpha's kept number sits in an account these credentials cannot reach.
+    alpha = await callgate.tenant("alpha", NUMBER_A)
+    status, attached = await callgate.api(
+        "POST",
+        f"/workspaces/{alpha.workspace_id}/numbers",
+        {
+            "number": NUMBER_C,
+            "agent_id": alpha.agent_id,
+            "twilio_account_sid": STRANGER,
+        },
+    )
+    assert status == 201, attached
+    first = await _offboard(
+        callgate, alpha.workspace_id, {"grace_secs": 0, "numbers": {NUMBER_C: keep}}
+    )
+    assert first["status"] == "done", first
+    bravo = await callgate.tenant("bravo", NUMBER_B)
+    _, workspace = await callgate.api("GET", f"/workspaces/{bravo.workspace_id}")
+    subaccount = workspace["twilio_account_sid"]
+    kept = await _buy(callgate, bravo.workspace_id, bravo.agent_id)
+    second = await _offboard(
+        callgate, bravo.workspace_id, {"grace_secs": 0, "numbers": {kept: keep}}
+    )
+    assert second["status"] == "done", second
+    assert first["started_at"] < second["started_at"]  # alpha's turn comes first
+
+    # A watcher started now looks for kept numbers at once.
+    offboarding = callgate.app[manage.OFFBOARDING]
+    await offboarding.close()
+    offboarding.watch()
+    bravo_state = await _state_where(
+        store,
+        bravo.workspace_id,
+        lambda state: state.get("subaccount_closed") is not None,
+        timeout_secs=10,
+    )
+    assert bravo_state["numbers"][kept]["expired"] == "released"
+    assert callgate.twilio_rest.owner_of(kept) is None
+    assert callgate.twilio_rest.account_status(subaccount) == "closed"
+    assert offboarding.watching
+    # Alpha's number waits for the next look, and its lease was given back.
+    _, state = await callgate.api(
+        "GET", f"/workspaces/{alpha.workspace_id}/offboarding"
+    )
+    assert "expired" not in state["numbers"][NUMBER_C]
+    assert await store.hget(keyspace.OFFBOARDING_LEASES, alpha.workspace_id) is None
