@@ -253,6 +253,13 @@ class Quota:
         )
         return count
 
+    async def forget(self, workspace_id: str, call_sid: str) -> None:
+        """Drop the grant and lease of a call that has no record to settle."""
+        async with self._store.pipeline(transaction=not self._clustered) as pipe:
+            pipe.delete(keyspace.grant(workspace_id, call_sid))
+            pipe.zrem(keyspace.leases(workspace_id), call_sid)
+            await pipe.execute()
+
     async def expired_leases(self, workspace_id: str, now_ms: int) -> list[str]:
         """The calls whose leases have lapsed: their process stopped renewing."""
         return texts(

@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as redis
 from aiohttp import web
 
+from metering.ledger import CallNotFoundError
 from metering.meter import Budget, CallSession, Meter
 from metering.metrics import Metrics
 from metering.plans import INCREMENT_MS, Plan, hard_cap_ms, period_of
@@ -166,7 +167,16 @@ class Sweeper:
                 for call_sid in await self._quota.expired_leases(
                     workspace_id, now_ms()
                 ):
-                    await self._adopt(workspace_id, call_sid)
+                    try:
+                        await self._adopt(workspace_id, call_sid)
+                    except redis.RedisError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 (one call's error stays its own)
+                        metering_logger.error(
+                            "could not take call %s over: %s",
+                            call_sid,
+                            type(exc).__name__,
+                        )
             lost_calls = await self._quota.reclaim_expired(
                 workspace_id, now_ms(), self._lease_ms
             )
@@ -194,6 +204,17 @@ class Sweeper:
                         lost.call_sid,
                     )
                     continue
+                except CallNotFoundError:
+                    # No record to settle (erased, or never written): the
+                    # grant is back already; drop its lease and hang up.
+                    await self._quota.forget(workspace_id, lost.call_sid)
+                except Exception as exc:  # noqa: BLE001 (one call's error stays its own)
+                    metering_logger.error(
+                        "could not settle call %s: %s",
+                        lost.call_sid,
+                        type(exc).__name__,
+                    )
+                    continue
                 account_sid = lost.account_sid or self._twilio.main_account_sid or ""
                 try:
                     await self._twilio.complete(account_sid, lost.call_sid)
@@ -214,4 +235,6 @@ class Sweeper:
                 # A process with no call of its own learns of an outage here.
                 self._quiet_until = time.monotonic() + self._lease_ms / 1000
                 metering_logger.warning("lease sweep failed; will retry", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 (the sweeper must outlive any error)
+                metering_logger.error("lease sweep failed: %s", type(exc).__name__)
             metering_logger.debug("swept leases in %.3fs", time.monotonic() - started)

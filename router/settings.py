@@ -118,6 +118,24 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             "(redis:// or rediss://)"
         )
 
+    # A lease must outlast two report ticks, or a healthy call's lease lapses
+    # between its reports and a sweeper hangs it up as owner_lost.
+    tick_ms = _integer(env, "CALLGATE_FLUSH_INTERVAL_MS", 1000, 100, 10000)
+    lease_ms = _integer(env, "CALLGATE_LEASE_MS", 10_000, 2_000, 120_000)
+    if lease_ms < 2 * tick_ms:
+        raise ConfigError(
+            "CALLGATE_LEASE_MS must be at least twice CALLGATE_FLUSH_INTERVAL_MS, "
+            f"got {lease_ms} and {tick_ms}"
+        )
+    retry_ms = _integer(env, "CALLGATE_WEBHOOK_RETRY_MS", 5_000, 10, 3_600_000)
+    retry_max_ms = _integer(
+        env, "CALLGATE_WEBHOOK_RETRY_MAX_MS", 3_600_000, 10, 86_400_000
+    )
+    if retry_max_ms < retry_ms:
+        raise ConfigError(
+            "CALLGATE_WEBHOOK_RETRY_MAX_MS must not be below CALLGATE_WEBHOOK_RETRY_MS"
+        )
+
     log_level = env.get("CALLGATE_LOG_LEVEL", "INFO").upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError(f"CALLGATE_LOG_LEVEL must be one of {sorted(_LOG_LEVELS)}")

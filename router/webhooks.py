@@ -115,6 +115,16 @@ async def voice(request: web.Request) -> web.Response:
         return twiml_response(twiml.say_and_hang_up(twiml.NOT_IN_SERVICE_MESSAGE))
 
     try:
+        # A call already past routing (a replayed or late-retried webhook for
+        # it) is not admitted again: that would reopen its record and bill
+        # the time since it started once more.
+        try:
+            seen = await request.app[api.LEDGER].get_call(route.workspace.id, call_sid)
+        except CallNotFoundError:
+            seen = None
+        if seen is not None and seen.status != "routed":
+            count.labels("voice", "replayed").inc()
+            return twiml_response(twiml.reject())
         plan = await request.app[api.WORKSPACES].plan(route.workspace.id)
         admission = None
         if plan is not None:

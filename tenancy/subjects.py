@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tenancy import keyspace
+from tenancy.errors import ConflictError
 from tenancy.replies import Store, text, text_map, texts
 from tenancy.vault import derive_key
 from tenancy.workspaces import now_ms
@@ -74,6 +75,12 @@ class Subjects:
     async def erase(self, workspace_id: str, number: str) -> Certificate:
         """Delete the caller's call records and recordings; keep the totals."""
         found = await self.records(workspace_id, number)
+        if any(record.get("status") != "completed" for record in found):
+            # Its meter and its recorder still write to it: erased now, the
+            # rest of the call would go unbilled and its recording would stay.
+            raise ConflictError(
+                "a call from this number is still live; erase it once it has ended"
+            )
         recordings = 0
         for record in found:
             call_sid = record["call_sid"]

@@ -184,7 +184,18 @@ async def test_stream_token_works_only_once(callgate: Harness) -> None:
     vapi_call = await callgate.vapi.wait_for_call(timeout_secs=5)
     await vapi_call.wait_connected(timeout_secs=5)
 
-    replay = await callgate.twilio.place_call(NUMBER_A, CALLER, call_sid=first.sid)
+    # The voice webhook replayed for a call already under way is refused, so
+    # it neither reopens the call nor admits it twice.
+    replayed = await callgate.twilio.place_call(NUMBER_A, CALLER, call_sid=first.sid)
+    assert replayed.status == "no-answer"
+    assert (
+        callgate.metric(
+            "callgate_webhooks_total", {"endpoint": "voice", "outcome": "replayed"}
+        )
+        == 1
+    )
+    # Its stream URL, replayed by another call, is refused as well.
+    replay = await callgate.twilio.place_call(NUMBER_A, CALLER)
     with pytest.raises(StreamRejected) as rejected:
         await replay.open_stream(url=first.stream_url)
     assert rejected.value.status_code == 403

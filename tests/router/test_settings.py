@@ -45,6 +45,9 @@ def test_load_uses_defaults_and_generates_keys_once(tmp_path: Path) -> None:
         ("CALLGATE_REDIS_URL", "http://x", "CALLGATE_REDIS_URL must be"),
         ("CALLGATE_TWILIO_ACCOUNT_SID", "AC12", "CALLGATE_TWILIO_ACCOUNT_SID must"),
         ("CALLGATE_LOG_LEVEL", "LOUD", "CALLGATE_LOG_LEVEL must be one of"),
+        # The default lease (10 s) must outlast two report ticks.
+        ("CALLGATE_FLUSH_INTERVAL_MS", "6000", "at least twice"),
+        ("CALLGATE_WEBHOOK_RETRY_MAX_MS", "1000", "must not be below"),
     ],
 )
 def test_load_names_the_bad_variable(

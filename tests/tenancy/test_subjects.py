@@ -89,3 +89,24 @@ async def test_erasure_removes_one_callers_records_from_one_workspace(
     _, certificates = await callgate.api("GET", f"{base}/subjects/certificates")
     assert [c["kind"] for c in certificates["items"]] == ["erase", "erase", "export"]
     assert SUBJECT not in str(certificates)
+
+
+async def test_a_live_call_is_not_erased_under_its_meter(callgate: Harness) -> None:
+    """Erasing a caller who is on the line now is refused until the call ends."""
+    alpha = await callgate.tenant("alpha", NUMBER_A)
+    call, _ = await callgate.connected_call(NUMBER_A, SUBJECT)
+    base = f"/workspaces/{alpha.workspace_id}"
+    status, problem = await callgate.api(
+        "POST", f"{base}/subjects/erase", {"number": SUBJECT}
+    )
+    assert (status, problem["status"]) == (409, 409)
+    assert "still live" in problem["detail"]
+    record = await callgate.call_record(alpha.workspace_id, call.sid)
+    assert record["status"] == "in-progress"
+
+    await call.hang_up()
+    await callgate.calls_settled()
+    status, certificate = await callgate.api(
+        "POST", f"{base}/subjects/erase", {"number": SUBJECT}
+    )
+    assert (status, certificate["call_records"]) == (200, 1)
