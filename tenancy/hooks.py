@@ -138,17 +138,19 @@ class Webhooks:
             await self._retry_now(workspace_id)
         return Webhook(url, secret, created, now), secret is not None
 
+    async def _deliveries(self, workspace_id: str | None) -> list[tuple[str, str]]:
+        """The (workspace, target) deliveries a registration feeds."""
+        if workspace_id is not None:
+            return [(workspace_id, "workspace")]
+        ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
+        return [(each, "operator") for each in ids]
+
     async def _retry_now(self, workspace_id: str | None) -> None:
         # A mended URL or secret is tried at once, not after the backoff the
         # broken one had earned. The reset is made under the workspace's
         # delivery lock, so that a delivery in flight cannot write its failure
         # (and its retry time) over it afterwards.
-        if workspace_id is not None:
-            targets = [(workspace_id, "workspace")]
-        else:
-            ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
-            targets = [(each, "operator") for each in ids]
-        for each, target in targets:
+        for each, target in await self._deliveries(workspace_id):
             state = keyspace.webhook_delivery(each, target)
             retry_at = text_or_none(await self._store.hget(state, "next_attempt_ms"))
             if retry_at in (None, "0"):
@@ -172,12 +174,7 @@ class Webhooks:
 
     async def _start_at_present(self, workspace_id: str | None) -> None:
         # Deliveries of a new registration begin after the newest event.
-        if workspace_id is not None:
-            targets = [(workspace_id, "workspace")]
-        else:
-            ids = texts(await self._store.zrange(keyspace.WORKSPACES, 0, -1))
-            targets = [(each, "operator") for each in ids]
-        for each, target in targets:
+        for each, target in await self._deliveries(workspace_id):
             newest = await last_id(self._store, each)
             state = keyspace.webhook_delivery(each, target)
             await self._store.delete(state)
