@@ -223,14 +223,10 @@ class Ledger:
         """
         record = keyspace.call(workspace_id, call_sid)
         while True:
-            period, day = (
-                text_or_none(value)
-                for value in await self._store.hmget(
-                    record, ["usage_period", "usage_day"]
-                )
-            )
-            # Before settlement the script touches no usage hash: the record
-            # stands in for both.
+            counted = await self.counted_in(workspace_id, call_sid)
+            period, day = counted or ("", "")
+            # Before the call starts the script touches no usage hash: the
+            # record stands in for both.
             usage = [
                 keyspace.usage(workspace_id, label) if label else record
                 for label in (period, day)
@@ -242,8 +238,8 @@ class Ledger:
                     "" if call_duration_secs is None else call_duration_secs,
                     sequence,
                     call_sid,
-                    period or "",
-                    day or "",
+                    period,
+                    day,
                 ],
             )
             if result != -2:

@@ -20,7 +20,7 @@ import redis.asyncio as redis
 from metering.ledger import CallNotFoundError, CallRecord, Ledger
 from metering.meter import Meter
 from metering.metrics import Metrics
-from router.settlement import TERMINAL, settle_sip_call
+from router.settlement import TERMINAL, settle_sip_call, sip_leg
 from tenancy import keyspace
 from tenancy.logs import metering_logger
 from tenancy.replies import Store, texts
@@ -162,19 +162,12 @@ class Reconciler:
             record = await self._ledger.get_call(workspace_id, call_sid)
         except CallNotFoundError:
             return None
-        if record.ended_at_ms is not None or record.account_sid is None:
+        if record.ended_at_ms is not None:
             return None
-        # The SIP leg is what is metered; before Twilio named it, the call.
-        leg_sid = record.sip_call_sid or call_sid
-        try:
-            found = await self._twilio.fetch_call(record.account_sid, leg_sid)
-        except TwilioApiError as exc:
-            metering_logger.warning("cannot look call %s up: %s", call_sid, exc)
+        leg = await sip_leg(self._twilio, record)
+        if leg is None or leg[0] not in TERMINAL:
             return None
-        if found is None or found[0] not in TERMINAL:
-            return None
-        status, duration_secs = found
-        return record, status, None if duration_secs is None else duration_secs * 1000
+        return record, *leg
 
     async def _run(self) -> None:
         while True:

@@ -12,7 +12,8 @@ from media.bridge import EndReason
 from metering.ledger import CallRecord
 from metering.meter import Meter
 from metering.plans import INCREMENT_MS
-from tenancy.logs import CallLog, call_logger
+from tenancy.logs import CallLog, call_logger, router_logger
+from tenancy.twilio_api import TwilioApi, TwilioApiError
 from tenancy.workspaces import Workspaces
 
 # Twilio's final call statuses (a leg's or the caller's).
@@ -54,3 +55,26 @@ async def settle_sip_call(
     CallLog(call_logger, {"workspace": workspace_id, "call": call_sid}).info(
         "call ended reason=%s %s=%s", reason.value, source, status
     )
+
+
+async def sip_leg(
+    twilio: TwilioApi, record: CallRecord
+) -> tuple[str, int | None] | None:
+    """Twilio's status of a SIP call's leg and its length in ms (once over).
+
+    The leg is what is metered; before Twilio named it, the call is asked
+    about. ``None`` when Twilio cannot say (unknown call, API error).
+    """
+    if record.account_sid is None:
+        return None
+    try:
+        found = await twilio.fetch_call(
+            record.account_sid, record.sip_call_sid or record.call_sid
+        )
+    except TwilioApiError as exc:
+        router_logger.warning("cannot look call %s up: %s", record.call_sid, exc)
+        return None
+    if found is None:
+        return None
+    status, duration_secs = found
+    return status, None if duration_secs is None else duration_secs * 1000

@@ -16,9 +16,8 @@ from metering.ledger import CallNotFoundError
 from metering.meter import Budget, CallSession, Exhausted
 from metering.plans import day_of, period_of
 from router import twiml
-from router.budget import budget
-from router.settlement import TERMINAL, settle_sip_call
-from router.stream import TWILIO_API
+from router.settlement import TERMINAL, settle_sip_call, sip_leg
+from router.stream import TWILIO_API, call_budget_of
 from router.webhooks import (
     METER,
     METRICS,
@@ -40,17 +39,9 @@ async def _sip_budget(
     app: web.Application, workspace_id: str, call_sid: str, account_sid: str
 ) -> tuple[Budget | None, Exhausted | None]:
     """A SIP call's budget under its workspace's plan, and how it is cut off."""
-    plan = await app[api.WORKSPACES].plan(workspace_id)
+    plan, call_budget = await call_budget_of(app, workspace_id, call_sid)
     if plan is None:
         return None, None
-    period = await app[api.LEDGER].grant_period(workspace_id, call_sid)
-    policy = (await app[api.WORKSPACES].get(workspace_id)).policy
-    call_budget = budget(
-        plan,
-        policy,
-        period or period_of(now_ms(), plan.timezone).label,
-        app[SETTINGS],
-    )
     api_client = app[TWILIO_API]
 
     async def time_up(session: CallSession) -> None:
@@ -91,25 +82,14 @@ class SipAdopter:
             or record.ended_at_ms is not None
         ):
             return False
-        try:
-            found = await app[TWILIO_API].fetch_call(
-                record.account_sid, record.sip_call_sid or call_sid
-            )
-        except TwilioApiError as exc:
-            router_logger.warning("cannot look call %s up: %s", call_sid, exc)
+        leg = await sip_leg(app[TWILIO_API], record)
+        if leg is None:
             return False
-        if found is None:
-            return False
-        status, duration_secs = found
+        status, metered_ms = leg
         meter = app[METER]
         if status in TERMINAL:
             await settle_sip_call(
-                meter,
-                app[api.WORKSPACES],
-                record,
-                status,
-                "api",
-                metered_ms=None if duration_secs is None else duration_secs * 1000,
+                meter, app[api.WORKSPACES], record, status, "api", metered_ms=metered_ms
             )
             return True
         settings = app[SETTINGS]

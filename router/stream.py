@@ -19,7 +19,7 @@ from media import frames
 from media.bridge import Bridge, BridgeResult, EndReason
 from media.recording import Recorder
 from media.vapi import VapiClient
-from metering.meter import CallSession
+from metering.meter import Budget, CallSession
 from metering.plans import Plan, period_of
 from router.budget import Cutoff, budget
 from router.control import TwilioCallControl
@@ -52,6 +52,27 @@ def _refuse(request: web.Request, outcome: str, detail: str) -> web.Response:
     request.app[METRICS].stream_upgrades.labels(outcome).inc()
     media_logger.warning("refused stream upgrade: %s", detail)
     return problem(403, outcome.replace("_", "-"), "Forbidden", detail)
+
+
+async def call_budget_of(
+    app: web.Application, workspace_id: str, call_sid: str
+) -> tuple[Plan | None, Budget | None]:
+    """The workspace's plan and a call's budget under it (None without a plan).
+
+    The budget draws on the period the call's grant was taken from, so a
+    call admitted just before a month's end stays in that month.
+    """
+    plan = await app[api.WORKSPACES].plan(workspace_id)
+    if plan is None:
+        return None, None
+    period = await app[api.LEDGER].grant_period(workspace_id, call_sid)
+    policy = (await app[api.WORKSPACES].get(workspace_id)).policy
+    return plan, budget(
+        plan,
+        policy,
+        period or period_of(now_ms(), plan.timezone).label,
+        app[SETTINGS],
+    )
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -176,17 +197,7 @@ async def _run_call(
 
     cutoff = Cutoff()
     try:
-        plan = await app[api.WORKSPACES].plan(workspace_id)
-        call_budget = None
-        if plan is not None:
-            period = await app[api.LEDGER].grant_period(workspace_id, claims.call_sid)
-            policy = (await app[api.WORKSPACES].get(workspace_id)).policy
-            call_budget = budget(
-                plan,
-                policy,
-                period or period_of(now_ms(), plan.timezone).label,
-                app[SETTINGS],
-            )
+        plan, call_budget = await call_budget_of(app, workspace_id, claims.call_sid)
         session = await app[METER].begin(
             workspace_id,
             claims.call_sid,
